@@ -1,0 +1,111 @@
+"""Backend registry: which implementations exist, why one cannot run, and which ``auto`` picks.
+
+| name        | what                                            | module                       |
+|-------------|-------------------------------------------------|------------------------------|
+| reference   | the oracle, original-style (sorts, sync/cycle)  | dsnot_kernels.reference      |
+| torch       | top-T selections, chunked, no per-cycle sync    | dsnot_kernels.torch_fast     |
+| triton      | fused kernels, one launch per layer group       | dsnot_kernels.ops            |
+| ext         | compiled N:M swap loop (C++ CPU, CUDA)          | dsnot_kernels.ext            |
+
+Heavy modules (triton, the compiled extension) are imported only when first asked for, so
+``import dsnot_kernels`` stays lean.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Dict, Optional, Union
+
+import torch
+
+from .problem import RefineOutput, RefineProblem
+
+BACKENDS = ("reference", "torch", "triton", "ext")
+
+
+def _import_error(module: str) -> Optional[str]:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a reason to report
+        return f"{module} cannot be imported: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _triton_reason(device: torch.device, nm: bool) -> Optional[str]:
+    if os.environ.get("DSNOT_DISABLE_TRITON") == "1":
+        return "disabled by DSNOT_DISABLE_TRITON=1"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "triton runs on CUDA tensors (on CPU only under TRITON_INTERPRET=1, a slow test mode)"
+    if device.type not in ("cpu", "cuda"):
+        return f"triton does not support device {device}"
+    return _import_error("dsnot_kernels.ops")
+
+
+def _ext_reason(device: torch.device, nm: bool) -> Optional[str]:
+    if os.environ.get("DSNOT_DISABLE_EXT") == "1":
+        return "disabled by DSNOT_DISABLE_EXT=1"
+    try:
+        from . import ext
+    except Exception as exc:  # noqa: BLE001
+        return f"dsnot_kernels.ext cannot be imported: {type(exc).__name__}: {exc}"
+    reason = ext.unavailable_reason(device)
+    if reason is None and not nm:
+        reason = "the extension implements N:M patterns only (use 'torch' or 'triton' for unstructured)"
+    return reason
+
+
+_REASONS: Dict[str, Callable[[torch.device, bool], Optional[str]]] = {
+    "reference": lambda device, nm: None,
+    "torch": lambda device, nm: None,
+    "triton": _triton_reason,
+    "ext": _ext_reason,
+}
+
+
+def unavailable_reason(name: str, device: Union[torch.device, str] = "cpu", nm: bool = True) -> Optional[str]:
+    """``None`` if backend ``name`` can refine tensors on ``device`` (N:M if ``nm``), else why not."""
+    if name not in _REASONS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+    return _REASONS[name](torch.device(device), nm)
+
+
+def available_backends(device: Union[torch.device, str] = "cpu",
+                       pattern: str = "2:4") -> Dict[str, Union[bool, str]]:
+    """Backend name -> ``True``, or the reason it cannot run for ``pattern`` on ``device``."""
+    nm = pattern != "unstructured"
+    return {name: (unavailable_reason(name, device, nm) or True) for name in BACKENDS}
+
+
+def choose_backend(requested: str, device: torch.device, nm: bool) -> str:
+    """Resolve ``requested`` (a name or ``"auto"``) to a backend that can run, or raise."""
+    if requested == "auto":
+        order = ("ext", "triton", "torch") if nm else ("triton", "torch")
+        for name in order:
+            if unavailable_reason(name, device, nm) is None:
+                return name
+        return "torch"
+    reason = unavailable_reason(requested, device, nm)
+    if reason is not None:
+        raise RuntimeError(f"backend={requested!r} cannot run here: {reason}")
+    return requested
+
+
+def run_backend(name: str, problem: RefineProblem) -> RefineOutput:
+    """Run ``problem`` on backend ``name`` (already checked by :func:`choose_backend`)."""
+    if name == "reference":
+        from .reference import refine_reference
+        return refine_reference(problem)
+    if name == "torch":
+        from .torch_fast import refine_torch
+        return refine_torch(problem)
+    if name == "triton":
+        from .ops import refine_triton
+        return refine_triton(problem)
+    if name == "ext":
+        from .ext import refine_ext
+        return refine_ext(problem)
+    raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")

@@ -1,0 +1,175 @@
+"""The fast pure-torch backend: the reference's results without its full sorts.
+
+Why it is fast (SPEC §8): at most ``T`` candidates are ever taken from a queue, so each queue
+is a top-``T`` selection (``torch.topk``) instead of a full row sort, and the initial mask is a
+linear-time k-th selection (``torch.kthvalue``). Rows are processed in chunks so the extra
+memory stays a few bytes per weight. The swap cycles then run on ``[out, T]`` queue tensors
+with no host synchronisation on a GPU.
+
+Ties are resolved exactly like the reference's stable sorts by selecting on one int64 key per
+weight: the float32 score's order-preserving integer image in the high 32 bits and the column
+(or, where the order wants the higher column first, the descending selection) in the low bits.
+"""
+from __future__ import annotations
+
+import torch
+
+from .problem import RefineOutput, RefineProblem, initial_scores, scores, swap_accepted
+
+INT64_MIN = torch.iinfo(torch.int64).min
+INT64_MAX = torch.iinfo(torch.int64).max
+CHUNK_ELEMENTS = 1 << 19   # weights scored at once: bounds the temporaries to a few MB
+
+
+def ordered_key(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """int64 key ordering like ``(x, column)``: x's float32 order in the high 32 bits.
+
+    Negative floats have their magnitude bits flipped so that signed integer order equals
+    float order. ``x`` float32 ``[..., in]``; ``cols`` int64 ``[in]``.
+    """
+    bits = x.contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return ordered * (1 << 32) + cols
+
+
+def _column(key: torch.Tensor) -> torch.Tensor:
+    return key & 0xFFFFFFFF
+
+
+def _select(key: torch.Tensor, member: torch.Tensor, count: int, largest: bool):
+    """The first ``count`` members by key (descending if ``largest``), as ``(cols, valid)``."""
+    sentinel = INT64_MIN if largest else INT64_MAX
+    filled = torch.where(member, key, torch.full_like(key, sentinel))
+    top = torch.topk(filled, count, dim=1, largest=largest, sorted=True).values
+    valid = top != sentinel
+    return torch.where(valid, _column(top), 0), valid     # column 0 keeps invalid slots in range
+
+
+def _group_rank(key: torch.Tensor, m: int) -> torch.Tensor:
+    """Rank (0 = lowest key) of every column inside its group of ``m`` consecutive columns."""
+    rows, cols = key.shape
+    grouped = key.view(rows, cols // m, m)
+    return (grouped.unsqueeze(-1) > grouped.unsqueeze(-2)).sum(-1).to(torch.int8).view(rows, cols)
+
+
+def refine_torch(problem: RefineProblem) -> RefineOutput:
+    """SPEC §2-§5 with top-``T`` selections; exactly the reference's output."""
+    weight = problem.weight
+    rows, cols = weight.shape
+    device = weight.device
+    depth = max(1, min(problem.cycles, cols))                 # queue length that can be popped
+    mask = torch.empty(rows, cols, dtype=torch.bool, device=device)
+    e = torch.empty(rows, dtype=torch.float64, device=device)
+    col_ids = torch.arange(cols, device=device, dtype=torch.int64)
+    n_queues = 2 if problem.is_nm else 4
+    queue_cols = torch.zeros(rows, n_queues, depth, dtype=torch.int64, device=device)
+    queue_valid = torch.zeros(rows, n_queues, depth, dtype=torch.bool, device=device)
+    partner_rank = (torch.empty(rows, cols, dtype=torch.int8, device=device)
+                    if problem.is_nm else None)
+
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        rs = slice(r0, min(rows, r0 + step))
+        d, g, a = scores(problem, weight[rs])
+        need_score = problem.initial_mask is None or problem.is_nm
+        score_key = ordered_key(initial_scores(problem, rs), col_ids) if need_score else None
+        # -- initial mask (SPEC §2) --
+        if problem.initial_mask is not None:
+            pruned = problem.initial_mask[rs]
+        elif problem.is_nm:
+            pruned = _group_rank(score_key, problem.prune_m) < problem.prune_n
+        elif problem.pruned_per_row > 0:
+            kth = torch.kthvalue(score_key, problem.pruned_per_row, dim=1).values
+            pruned = score_key <= kth.unsqueeze(1)
+        else:
+            pruned = torch.zeros_like(d, dtype=torch.bool)
+        mask[rs] = pruned
+        e[rs] = torch.where(pruned, d.to(torch.float64), 0.0).sum(1)
+        if problem.cycles == 0:
+            continue
+        # -- candidate queues (SPEC §4/§5), top-T only --
+        g_key = ordered_key(g, col_ids)
+        queue_cols[rs, 0], queue_valid[rs, 0] = _select(g_key, pruned & (g > 0), depth, largest=True)
+        queue_cols[rs, 1], queue_valid[rs, 1] = _select(g_key, pruned & (g < 0), depth, largest=False)
+        if problem.is_nm:
+            kept_key = torch.where(pruned, torch.full_like(score_key, INT64_MAX), score_key)
+            partner_rank[rs] = _group_rank(kept_key, problem.prune_m)
+        else:
+            a_key = ordered_key(a, col_ids)
+            queue_cols[rs, 2], queue_valid[rs, 2] = _select(a_key, ~pruned & (d < 0), depth, largest=False)
+            queue_cols[rs, 3], queue_valid[rs, 3] = _select(a_key, ~pruned & (d > 0), depth, largest=False)
+
+    error_before = e.to(torch.float32)
+    swaps = torch.zeros(rows, dtype=torch.int32, device=device)
+    if problem.cycles == 0 or rows == 0:
+        return RefineOutput(mask, swaps, error_before, error_before.clone())
+    e = _run_cycles(problem, mask, e, swaps, queue_cols, queue_valid, partner_rank)
+    return RefineOutput(mask, swaps, error_before, e.to(torch.float32))
+
+
+def _run_cycles(problem: RefineProblem, mask, e, swaps, queue_cols, queue_valid, partner_rank):
+    """The swap cycles over all rows at once; updates ``mask`` and ``swaps`` in place."""
+    weight = problem.weight
+    rows, cols = weight.shape
+    device = weight.device
+    row_ids = torch.arange(rows, device=device)
+    depth = queue_cols.shape[2]
+    s, sqrt_q = problem.sum_metric_row, problem.sqrt_scaler_row
+
+    def score_at(col):
+        w = weight[row_ids, col].to(torch.float32)
+        return w * s[col], w.abs() * sqrt_q[col]
+
+    def pop(queue, ptr):
+        slot = ptr.clamp(max=depth - 1).unsqueeze(1)
+        return (queue_cols[:, queue].gather(1, slot).squeeze(1),
+                queue_valid[:, queue].gather(1, slot).squeeze(1) & (ptr < depth))
+
+    ptr = torch.zeros(rows, 4, dtype=torch.int64, device=device)
+    sign0 = torch.sign(e)
+    active = torch.ones(rows, dtype=torch.bool, device=device)
+    if problem.is_nm:
+        m, kept_per_group = problem.prune_m, problem.prune_m - problem.prune_n
+        used = torch.zeros(rows, cols // m, dtype=torch.int8, device=device)
+        in_group = torch.arange(m, device=device)
+
+    for cycle in range(problem.cycles):
+        active &= e.abs() > problem.threshold
+        positive = e > 0
+        g_pos, has_pos = pop(0, ptr[:, 0])
+        g_neg, has_neg = pop(1, ptr[:, 1])
+        grow_col = torch.where(positive, g_pos, g_neg)
+        active &= torch.where(positive, has_pos, has_neg)
+        ptr[:, 0] += active & positive
+        ptr[:, 1] += active & ~positive
+        if problem.is_nm:
+            group = grow_col // m
+            used_here = used[row_ids, group]
+            has_partner = used_here < kept_per_group
+            ranks = partner_rank.view(rows, -1, m)[row_ids, group]              # [rows, m]
+            slot = (ranks == used_here.unsqueeze(1)).to(torch.int8).argmax(1)
+            prune_col = group * m + slot
+            proposing = active & has_partner
+        else:
+            p_neg, has_pn = pop(2, ptr[:, 2])
+            p_pos, has_pp = pop(3, ptr[:, 3])
+            prune_col = torch.where(positive, p_neg, p_pos)
+            active &= torch.where(positive, has_pn, has_pp)
+            ptr[:, 2] += active & positive
+            ptr[:, 3] += active & ~positive
+            proposing = active
+        d_p, a_p = score_at(prune_col)
+        d_g, a_g = score_at(grow_col)
+        e2 = (e + d_p.to(torch.float64)) - d_g.to(torch.float64)
+        ok = swap_accepted(problem, e, e2, sign0, d_p, d_g, a_p, a_g)
+        active &= ~proposing | ok
+        accept = proposing & active
+        mask[row_ids[accept], grow_col[accept]] = False
+        mask[row_ids[accept], prune_col[accept]] = True
+        e = torch.where(accept, e2, e)
+        swaps += accept.to(torch.int32)
+        if problem.is_nm:
+            used[row_ids[accept], group[accept]] += 1
+        if device.type == "cpu" and cycle % 8 == 7 and not bool(active.any()):
+            break   # free on a CPU; on a GPU we never synchronise inside the loop
+    return e
