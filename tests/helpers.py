@@ -1,0 +1,54 @@
+"""Problem generators and a verbose comparison used by the backend parity tests."""
+from __future__ import annotations
+
+import torch
+
+import dsnot_kernels as dk
+from dsnot_kernels.api import build_problem
+from dsnot_kernels.reference import refine_reference
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_layer(out_features: int, in_features: int, dtype=torch.float32, seed: int = 0,
+               nsamples: int = 4, seq: int = 32, hessian: bool = False):
+    """A random dense weight ``[out, in]`` and real statistics of random inputs.
+
+    Inputs get per-channel offsets and scales so that ``S`` has both signs and ``V`` varies:
+    with continuous random values, score ties are improbable (Wanda and D scores mix a
+    weight with a per-column factor, so equal fp16 weights still give distinct scores).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
+    offset = torch.randn(in_features, generator=gen) * 0.5
+    scale = torch.rand(in_features, generator=gen) + 0.25
+    x = torch.randn(nsamples, seq, in_features, generator=gen) * scale + offset
+    acc = dk.StatsAccumulator(in_features, hessian=hessian)
+    acc.update(x)
+    return weight, acc.finalize()
+
+
+def reference_output(weight, stats, cfg, initial_mask=None):
+    problem, _ = build_problem(weight, stats, cfg, initial_mask)
+    return problem, refine_reference(problem)
+
+
+def assert_same_output(expected, actual, label: str = "", error_rtol: float = 1e-5) -> None:
+    """Masks and swaps equal, errors within ``error_rtol`` (relative to the row's scale)."""
+    exp_mask, act_mask = expected[0].cpu(), actual[0].cpu()
+    bad_rows = (exp_mask != act_mask).any(1).nonzero().flatten()
+    if len(bad_rows):
+        r = int(bad_rows[0])
+        cols = (exp_mask[r] != act_mask[r]).nonzero().flatten().tolist()
+        raise AssertionError(f"{label}: masks differ in {len(bad_rows)} rows; first row {r}, columns "
+                             f"{cols[:10]}; swaps expected {int(expected[1][r])} got {int(actual[1][r])}")
+    swaps_e, swaps_a = expected[1].cpu(), actual[1].cpu()
+    if not torch.equal(swaps_e.to(torch.int64), swaps_a.to(torch.int64)):
+        r = int((swaps_e != swaps_a).nonzero()[0])
+        raise AssertionError(f"{label}: swaps differ, row {r}: expected {int(swaps_e[r])} got {int(swaps_a[r])}")
+    for i, name in ((2, "error_before"), (3, "error_after")):
+        e, a = expected[i].cpu().double(), actual[i].cpu().double()
+        tol = error_rtol * (e.abs() + 1.0)
+        if not bool(((e - a).abs() <= tol).all()):
+            r = int(((e - a).abs() - tol).argmax())
+            raise AssertionError(f"{label}: {name} differs, row {r}: expected {float(e[r])} got {float(a[r])}")
