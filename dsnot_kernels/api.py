@@ -225,7 +225,7 @@ def apply_mask_(layer: LayerLike, mask: Union[torch.Tensor, RefineResult]) -> No
     ``mask`` is a bool ``[out, in]`` tensor (True = pruned) or a :class:`RefineResult`; a result
     that carries ``updated_weight`` (SparseGPT) first writes those weights into the layer.
     """
-    weight = layer.weight if isinstance(layer, nn.Module) else layer
+    weight = getattr(layer, "weight", None) if isinstance(layer, nn.Module) else layer
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"layer must be an nn.Linear or a weight tensor, got {type(layer).__name__}")
     updated = None

@@ -36,20 +36,47 @@ def _column(key: torch.Tensor) -> torch.Tensor:
     return key & 0xFFFFFFFF
 
 
-def _select(key: torch.Tensor, member: torch.Tensor, count: int, largest: bool):
-    """The first ``count`` members by key (descending if ``largest``), as ``(cols, valid)``."""
-    sentinel = INT64_MIN if largest else INT64_MAX
-    filled = torch.where(member, key, torch.full_like(key, sentinel))
-    top = torch.topk(filled, count, dim=1, largest=largest, sorted=True).values
-    valid = top != sentinel
-    return torch.where(valid, _column(top), 0), valid     # column 0 keeps invalid slots in range
+def _select(values: torch.Tensor, member: torch.Tensor, count: int, largest: bool, cols: torch.Tensor):
+    """The first ``count`` members by value, as ``(columns, valid)`` ``[rows, count]``.
+
+    Order: descending with ties on the higher column first if ``largest``, else ascending
+    with ties on the lower column first. A float32 ``topk`` does the work; rows where equal
+    values meet among the selected (where topk's order is unspecified) are redone with the
+    exact int64 key, so the result equals a stable sort's.
+    """
+    sentinel = float("-inf") if largest else float("inf")
+    filled = torch.where(member, values, sentinel)
+    k = min(count + 1, values.shape[1])                      # one extra to see a tie at the boundary
+    top_vals, top_cols = torch.topk(filled, k, dim=1, largest=largest, sorted=True)
+    valid = top_vals != sentinel
+    tied = ((top_vals[:, 1:] == top_vals[:, :-1]) & valid[:, 1:]).any(1)
+    top_cols, valid = top_cols[:, :count], valid[:, :count]
+    if bool(tied.any()):
+        rows = tied.nonzero().flatten()
+        key = torch.where(member[rows], ordered_key(values[rows], cols),
+                          INT64_MIN if largest else INT64_MAX)
+        exact = torch.topk(key, count, dim=1, largest=largest, sorted=True).values
+        top_cols[rows] = _column(exact)
+    return torch.where(valid, top_cols, 0), valid          # column 0 keeps invalid slots in range
 
 
-def _group_rank(key: torch.Tensor, m: int) -> torch.Tensor:
-    """Rank (0 = lowest key) of every column inside its group of ``m`` consecutive columns."""
-    rows, cols = key.shape
-    grouped = key.view(rows, cols // m, m)
-    return (grouped.unsqueeze(-1) > grouped.unsqueeze(-2)).sum(-1).to(torch.int8).view(rows, cols)
+def _lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` lowest scores per row, ties to the lower column (linear time)."""
+    kth = torch.kthvalue(score, k, dim=1, keepdim=True).values
+    below = score < kth
+    at = score == kth
+    room = k - below.sum(1, keepdim=True)                     # how many of the tied ones fit
+    return below | (at & (torch.cumsum(at, dim=1) <= room))
+
+
+def _group_rank(score: torch.Tensor, m: int) -> torch.Tensor:
+    """Rank (0 = lowest score, ties: lower column) of every column inside its group of ``m``."""
+    rows, cols = score.shape
+    x = score.view(rows, cols // m, m)
+    mine, other = x.unsqueeze(-1), x.unsqueeze(-2)           # [.., j, 1] vs [.., 1, i]
+    earlier = torch.ones(m, m, dtype=torch.bool, device=score.device).tril(-1)   # i < j
+    ahead = (other < mine) | ((other == mine) & earlier)
+    return ahead.sum(-1).to(torch.int8).view(rows, cols)
 
 
 def refine_torch(problem: RefineProblem) -> RefineOutput:
@@ -72,15 +99,14 @@ def refine_torch(problem: RefineProblem) -> RefineOutput:
         rs = slice(r0, min(rows, r0 + step))
         d, g, a = scores(problem, weight[rs])
         need_score = problem.initial_mask is None or problem.is_nm
-        score_key = ordered_key(initial_scores(problem, rs), col_ids) if need_score else None
+        score = initial_scores(problem, rs) if need_score else None
         # -- initial mask (SPEC §2) --
         if problem.initial_mask is not None:
             pruned = problem.initial_mask[rs]
         elif problem.is_nm:
-            pruned = _group_rank(score_key, problem.prune_m) < problem.prune_n
+            pruned = _group_rank(score, problem.prune_m) < problem.prune_n
         elif problem.pruned_per_row > 0:
-            kth = torch.kthvalue(score_key, problem.pruned_per_row, dim=1).values
-            pruned = score_key <= kth.unsqueeze(1)
+            pruned = _lowest_k(score, problem.pruned_per_row)
         else:
             pruned = torch.zeros_like(d, dtype=torch.bool)
         mask[rs] = pruned
@@ -88,16 +114,13 @@ def refine_torch(problem: RefineProblem) -> RefineOutput:
         if problem.cycles == 0:
             continue
         # -- candidate queues (SPEC §4/§5), top-T only --
-        g_key = ordered_key(g, col_ids)
-        queue_cols[rs, 0], queue_valid[rs, 0] = _select(g_key, pruned & (g > 0), depth, largest=True)
-        queue_cols[rs, 1], queue_valid[rs, 1] = _select(g_key, pruned & (g < 0), depth, largest=False)
+        queue_cols[rs, 0], queue_valid[rs, 0] = _select(g, pruned & (g > 0), depth, True, col_ids)
+        queue_cols[rs, 1], queue_valid[rs, 1] = _select(g, pruned & (g < 0), depth, False, col_ids)
         if problem.is_nm:
-            kept_key = torch.where(pruned, torch.full_like(score_key, INT64_MAX), score_key)
-            partner_rank[rs] = _group_rank(kept_key, problem.prune_m)
+            partner_rank[rs] = _group_rank(torch.where(pruned, float("inf"), score), problem.prune_m)
         else:
-            a_key = ordered_key(a, col_ids)
-            queue_cols[rs, 2], queue_valid[rs, 2] = _select(a_key, ~pruned & (d < 0), depth, largest=False)
-            queue_cols[rs, 3], queue_valid[rs, 3] = _select(a_key, ~pruned & (d > 0), depth, largest=False)
+            queue_cols[rs, 2], queue_valid[rs, 2] = _select(a, ~pruned & (d < 0), depth, False, col_ids)
+            queue_cols[rs, 3], queue_valid[rs, 3] = _select(a, ~pruned & (d > 0), depth, False, col_ids)
 
     error_before = e.to(torch.float32)
     swaps = torch.zeros(rows, dtype=torch.int32, device=device)

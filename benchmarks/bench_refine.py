@@ -1,0 +1,278 @@
+"""Time ``dsnot_kernels.refine`` per backend against the original-style reference, side by side.
+
+For LLaMA-7B layer shapes (fp16 weights; 60% unstructured and 2:4 by default) every available
+backend runs in this one process: a warm-up, then the median of ``--repeats`` runs (the
+reference, which takes seconds, runs ``--reference-repeats`` times). Each backend's mask, swaps
+and errors are checked against the reference's. Optionally the peak *extra* memory of one
+refine is measured in a fresh subprocess (CPU: peak RSS growth; CUDA: peak allocated growth),
+and on CUDA the whole LLaMA-7B set (32 layers x 7 sublayers, q/k/v and gate/up batched with
+``refine_many``) is timed. Results: a printed table, CSV (long format) and JSON under
+``benchmarks/results/<machine>/``.
+
+    python benchmarks/bench_refine.py --device cpu
+    python benchmarks/bench_refine.py --device cuda --llama7b-set
+    TRITON_INTERPRET=1 python benchmarks/bench_refine.py --device cpu --smoke   # interpreter smoke mode
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import dsnot_kernels as dk
+
+LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]      # [out, in]
+SMOKE_SHAPES = [(64, 512)]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# --------------------------------------------------------------------------------------------
+# problem and timing helpers
+# --------------------------------------------------------------------------------------------
+def make_problem(out_features: int, in_features: int, device: str, seed: int = 0):
+    """Synthetic fp16 weight ``[out, in]`` with LLaMA-like scale and statistics of real form."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.empty(out_features, in_features, dtype=torch.float16)
+    for r0 in range(0, out_features, 256):   # in slices: no float32 copy of the whole layer
+        rows = weight[r0:r0 + 256]
+        rows.copy_(torch.randn(rows.shape, generator=gen) * 0.02)
+    seq, nsamples = 2048, 128
+    mean = torch.randn(in_features, generator=gen) * 0.05
+    var = torch.rand(in_features, generator=gen) * 0.5 + 0.01
+    stats = dk.LayerStats(sum_metric_row=mean * seq, scaler_row=(var + mean ** 2) * seq,
+                          var=var, nsamples=nsamples, ntokens=nsamples * seq)
+    return weight.to(device), stats.to(device)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str, repeats: int, warmup: int = 1):
+    """Median and all wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def copy_bandwidth(device: str) -> float:
+    """Measured device copy bandwidth in bytes/s (bytes read + written), for the roofline column."""
+    n = (1 << 28) if device == "cuda" else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    median, _ = time_call(lambda: dst.copy_(src), device, repeats=10, warmup=2)
+    return 2 * n / median
+
+
+def machine_name(device: str) -> str:
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        name = f"cpu-{os.cpu_count()}core-{model}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+
+
+def outputs_agree(expected: dk.RefineResult, actual: dk.RefineResult) -> bool:
+    e_err, a_err = expected.error_after.double().cpu(), actual.error_after.double().cpu()
+    return (torch.equal(expected.pruned_mask.cpu(), actual.pruned_mask.cpu())
+            and torch.equal(expected.swaps.cpu().long(), actual.swaps.cpu().long())
+            and bool(((e_err - a_err).abs() <= 1e-5 * (e_err.abs() + 1)).all()))
+
+
+# --------------------------------------------------------------------------------------------
+# peak memory of one refine, in a fresh process
+# --------------------------------------------------------------------------------------------
+_MEMORY_CHILD = r"""
+import resource, sys, json, torch
+sys.path.insert(0, {bench_dir!r})
+import dsnot_kernels as dk
+from bench_refine import make_problem
+out_f, in_f, device, backend, pattern, sparsity = {args!r}
+weight, stats = make_problem(out_f, in_f, device)
+cfg = dk.RefineConfig(sparsity=sparsity, pattern=pattern)
+dk.refine(weight[:8], stats, cfg, backend=backend)           # load kernels/extension first
+if device == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    res = dk.refine(weight, stats, cfg, backend=backend); torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+else:
+    # current RSS before (not the earlier peak, which setup may have set); conservative
+    rss = [l for l in open("/proc/self/status") if l.startswith("VmRSS:")][0]
+    base = int(rss.split()[1]) * 1024
+    res = dk.refine(weight, stats, cfg, backend=backend)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+print(json.dumps({{"peak_extra_bytes": int(peak)}}))
+"""
+
+
+def peak_extra_memory(out_f, in_f, device, backend, pattern, sparsity) -> float:
+    """Peak extra bytes of one refine (CPU: growth of the peak RSS; CUDA: of peak allocated)."""
+    code = _MEMORY_CHILD.format(bench_dir=str(Path(__file__).resolve().parent),
+                                args=(out_f, in_f, device, backend, pattern, sparsity))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+# --------------------------------------------------------------------------------------------
+# the LLaMA-7B set (CUDA)
+# --------------------------------------------------------------------------------------------
+def llama7b_set(device: str, backend: str, pattern: str, sparsity: float, repeats: int) -> dict:
+    """Refine 32 layers x 7 sublayers of LLaMA-7B shapes; groups sharing an input go together."""
+    hidden, inter, layers = 4096, 11008, 32
+    attn_stats = make_problem(1, hidden, device, seed=1)[1]
+    down_stats = make_problem(1, inter, device, seed=2)[1]
+    groups = []
+    for layer in range(layers):
+        g = torch.Generator(device=device).manual_seed(layer)
+        w = lambda o, i: (torch.randn(o, i, generator=g, device=device) * 0.02).half()  # noqa: E731
+        groups.append(([w(hidden, hidden) for _ in range(3)], attn_stats))       # q, k, v
+        groups.append(([w(hidden, hidden)], attn_stats))                         # o (input: attention output)
+        groups.append(([w(inter, hidden) for _ in range(2)], attn_stats))        # gate, up
+        groups.append(([w(hidden, inter)], down_stats))                          # down
+    cfg = dk.RefineConfig(sparsity=sparsity, pattern=pattern)
+
+    def run_all():
+        for weights, stats in groups:
+            dk.refine_many(weights, stats, cfg, backend=backend)
+
+    median, times = time_call(run_all, device, repeats=repeats, warmup=1)
+    return {"seconds": median, "times": times, "sublayers": 7 * layers,
+            "weights": sum(w.numel() for ws, _ in groups for w in ws)}
+
+
+# --------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shapes", default=None, help="comma list OUTxIN (default: LLaMA-7B shapes)")
+    parser.add_argument("--patterns", default="unstructured,2:4")
+    parser.add_argument("--sparsity", type=float, default=0.6, help="for unstructured")
+    parser.add_argument("--backends", default=None, help="comma list (default: every available one)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--reference-repeats", type=int, default=1)
+    parser.add_argument("--memory", choices=["none", "first", "all"], default="first",
+                        help="measure peak extra memory for no / the first / all shapes")
+    parser.add_argument("--llama7b-set", action="store_true", help="also time the whole LLaMA-7B set (CUDA)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat (interpreter smoke mode)")
+    parser.add_argument("--out", default=None, help="results directory (default: benchmarks/results/<machine>)")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    if args.smoke:
+        args.repeats, args.memory = 1, "none"
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    else:
+        shapes = SMOKE_SHAPES if args.smoke else LLAMA7B_SHAPES
+    patterns = [p.strip() for p in args.patterns.split(",")]
+    machine = machine_name(args.device)
+    out_dir = Path(args.out) if args.out else RESULTS / machine
+    bandwidth = copy_bandwidth(args.device)
+    print(f"machine: {machine}; torch {torch.__version__}; device copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+
+    rows = []
+    for pattern in patterns:
+        nm = pattern != "unstructured"
+        names = args.backends.split(",") if args.backends else [
+            n for n, ok in dk.available_backends(args.device, pattern).items() if ok is True]
+        if "reference" not in names:
+            names = ["reference"] + names
+        for si, (out_f, in_f) in enumerate(shapes):
+            weight, stats = make_problem(out_f, in_f, args.device)
+            cfg = dk.RefineConfig(sparsity=args.sparsity, pattern=pattern)
+            bytes_moved = weight.numel() * weight.element_size() + 3 * in_f * 4 + weight.numel()
+            reference = None
+            for name in names:
+                if name == "ext" and not nm:
+                    continue
+                holder = {}
+
+                def run(name=name):
+                    holder["res"] = dk.refine(weight, stats, cfg, backend=name)
+                reps = args.reference_repeats if name == "reference" else args.repeats
+                warm = 0 if name == "reference" else 1
+                median, times = time_call(run, args.device, reps, warmup=warm)
+                res = holder["res"]
+                if name == "reference":
+                    reference = res
+                    ref_seconds = median
+                memory = None
+                if args.memory == "all" or (args.memory == "first" and si == 0):
+                    memory = peak_extra_memory(out_f, in_f, args.device, name, pattern, args.sparsity)
+                row = {
+                    "machine": machine, "device": args.device, "torch": torch.__version__,
+                    "shape": f"{out_f}x{in_f}", "dtype": "fp16", "pattern": pattern,
+                    "sparsity": round(res.sparsity, 4), "backend": name, "seconds": median,
+                    "speedup_vs_reference": ref_seconds / median,
+                    "bandwidth_GBps": bytes_moved / median / 1e9,
+                    "fraction_of_copy_bw": bytes_moved / median / bandwidth,
+                    "peak_extra_bytes_per_weight": None if memory is None else memory / weight.numel(),
+                    "mean_swaps": float(res.swaps.float().mean()),
+                    "matches_reference": outputs_agree(reference, res),
+                    "times": times,
+                }
+                rows.append(row)
+                mem = "" if memory is None else f"{memory / weight.numel():6.1f} B/w"
+                print(f"{row['shape']:>11} {pattern:>12} {name:>10} {median * 1e3:11.2f} ms "
+                      f"x{row['speedup_vs_reference']:8.1f} {row['fraction_of_copy_bw'] * 100:6.2f}% bw "
+                      f"{mem:>10} swaps {row['mean_swaps']:5.1f} match={row['matches_reference']}", flush=True)
+            del weight, stats
+
+    summary = {"machine": machine, "device": args.device, "torch": torch.__version__,
+               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows}
+    if args.llama7b_set:
+        for pattern in patterns:
+            backend = "auto"
+            result = llama7b_set(args.device, backend, pattern, args.sparsity, repeats=3)
+            result["pattern"] = pattern
+            summary.setdefault("llama7b_set", []).append(result)
+            print(f"LLaMA-7B set ({result['sublayers']} sublayers, {pattern}, backend=auto): "
+                  f"{result['seconds'] * 1e3:.1f} ms")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "bench_refine_smoke" if args.smoke else "bench_refine"
+    tmp_json, tmp_csv = out_dir / f".{stem}.json.tmp", out_dir / f".{stem}.csv.tmp"
+    tmp_json.write_text(json.dumps(summary, indent=2))
+    with tmp_csv.open("w", newline="") as f:
+        fields = [k for k in rows[0] if k != "times"]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp_json.replace(out_dir / f"{stem}.json")
+    tmp_csv.replace(out_dir / f"{stem}.csv")
+    print(f"wrote {out_dir / (stem + '.json')} and .csv")
+    return 0 if all(r["matches_reference"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
