@@ -84,6 +84,8 @@ def choose_backend(requested: str, device: torch.device, nm: bool) -> str:
     """Resolve ``requested`` (a name or ``"auto"``) to a backend that can run, or raise."""
     if requested == "auto":
         order = ("ext", "triton", "torch") if nm else ("triton", "torch")
+        if device.type != "cuda":
+            order = tuple(n for n in order if n != "triton")   # the interpreter is a test mode, never a default
         for name in order:
             if unavailable_reason(name, device, nm) is None:
                 return name

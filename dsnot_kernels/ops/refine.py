@@ -1,0 +1,127 @@
+"""Host side of the ``"triton"`` backend: :func:`refine_triton` launches the two kernels.
+
+    select_kernel  grid (rows,)                       scores, initial mask, e0, top-T queues
+    cycles_kernel  grid (ceil(rows / BLOCK_R),)       all swap cycles, in registers
+
+Two launches per :class:`RefineProblem` whatever its size: ``refine_many`` stacks the rows of
+layers sharing an input (q/k/v, gate/up) into one problem, so a layer group costs two launches.
+Nothing synchronises with the host between or inside the kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..problem import RefineOutput, RefineProblem
+from .refine_cycles import cycles_kernel
+from .refine_select import select_kernel
+
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DEFAULT_CAP = 256          # keys kept per queue before the bitonic sort (>= the queue depth)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def _check(problem: RefineProblem) -> None:
+    if not isinstance(problem, RefineProblem):
+        raise TypeError(f"problem must be a RefineProblem, got {type(problem).__name__}")
+    w = problem.weight
+    if w.dim() != 2 or w.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"problem.weight must be a 2-D float16/bfloat16/float32 tensor, "
+                         f"got {tuple(w.shape)} {w.dtype}")
+    if w.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"problem.weight must be a CUDA tensor (or set TRITON_INTERPRET=1), got {w.device}")
+    for name in ("sum_metric_row", "sqrt_scaler_row", "var_pow"):
+        v = getattr(problem, name)
+        if v.shape != (w.shape[1],) or v.dtype != torch.float32 or v.device != w.device:
+            raise ValueError(f"problem.{name} must be float32 [{w.shape[1]}] on {w.device}")
+    if problem.init_score is None and problem.init_col_scale is None and \
+            (problem.initial_mask is None or problem.is_nm):
+        raise ValueError("problem needs init_col_scale or init_score to build or rank the initial mask")
+    if problem.is_nm and w.shape[1] % problem.prune_m:
+        raise ValueError(f"problem.prune_m={problem.prune_m} must divide in_features={w.shape[1]}")
+
+
+def _num_warps(block: int) -> int:
+    # about 16-32 elements per thread per row tensor; 16 warps (512 threads) at in >= 8192
+    return max(4, min(16, block // 512))
+
+
+def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP) -> RefineOutput:
+    """SPEC §2-§5 for every row of ``problem`` in two Triton launches; exactly the reference.
+
+    ``cap`` (a power of two) bounds the keys per queue that are sorted; it only changes speed
+    (tests lower it to exercise the threshold search).
+    """
+    _check(problem)
+    w = problem.weight.contiguous()
+    rows, cols = w.shape
+    device = w.device
+    mask = torch.empty(rows, cols, dtype=torch.bool, device=device)
+    e0 = torch.empty(rows, dtype=torch.float64, device=device)
+    swaps = torch.zeros(rows, dtype=torch.int32, device=device)
+    if rows == 0 or cols == 0:
+        empty = torch.zeros(rows, dtype=torch.float32, device=device)
+        return RefineOutput(mask, swaps, empty, empty.clone())
+
+    nm = problem.is_nm
+    n, m = (problem.prune_n, problem.prune_m) if nm else (0, 0)
+    if nm:
+        mpad, gpad = _pow2(m), _pow2(cols // m)
+    else:
+        mpad, gpad = _pow2(cols), 1
+    nq = 2 if nm else 4
+    cycles = int(problem.cycles)
+    depth = max(1, min(cycles, cols))
+    tpad = _pow2(depth)
+    cap = max(tpad, _pow2(min(cap, _pow2(cols))))
+    queues = torch.empty(rows, nq, tpad, dtype=torch.int32, device=device)
+    scratch = torch.empty(rows, cap, dtype=torch.int64, device=device)
+
+    dummy_f = problem.sum_metric_row
+    scale = problem.init_col_scale if problem.init_col_scale is not None else dummy_f
+    iscore = problem.init_score.contiguous() if problem.init_score is not None else None
+    imask = problem.initial_mask.contiguous() if problem.initial_mask is not None else None
+    mask_u8 = mask.view(torch.uint8)
+    block = gpad * mpad
+    select_kernel[(rows,)](
+        w, problem.sum_metric_row, problem.sqrt_scaler_row, problem.var_pow, scale,
+        iscore if iscore is not None else dummy_f,
+        imask.view(torch.uint8) if imask is not None else mask_u8,
+        mask_u8, e0, queues, scratch,
+        cols, w.stride(0), iscore.stride(0) if iscore is not None else 0,
+        imask.stride(0) if imask is not None else 0, mask.stride(0),
+        int(problem.pruned_per_row), depth,
+        IS_NM=nm, N=n, M=max(m, 1), GPAD=gpad, MPAD=mpad,
+        HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
+        NQ=nq, TPAD=tpad, CAP=cap,
+        num_warps=_num_warps(block), enable_fp_fusion=False,
+    )
+    error_before = e0.to(torch.float32)
+    if cycles == 0:
+        return RefineOutput(mask, swaps, error_before, error_before.clone())
+
+    e_out = torch.empty_like(e0)
+    params = torch.tensor([float(problem.threshold), float(problem.seq_len)], dtype=torch.float64,
+                          device=device)
+    hpad = _pow2(cycles) if nm else 1
+    # rows per program: 128 lanes, fewer when the N:M history/rank tiles get wide
+    budget = max(1, min(128, 4096 // (hpad * (mpad * mpad if nm else 1))))
+    block_r = min(1 << (budget.bit_length() - 1), _pow2(rows))
+    cycles_kernel[(triton.cdiv(rows, block_r),)](
+        w, problem.sum_metric_row, problem.sqrt_scaler_row, scale,
+        iscore if iscore is not None else dummy_f, params,
+        mask_u8, e0, queues, swaps, e_out,
+        rows, cols, w.stride(0), iscore.stride(0) if iscore is not None else 0, mask.stride(0), cycles,
+        IS_NM=nm, M=max(m, 1), MPAD=mpad if nm else 1, HAS_SCORE=iscore is not None,
+        SIGN_CHECK=bool(problem.sign_check), IMPROVE_CHECK=bool(problem.improve_check),
+        MOMENT_CHECK=bool(problem.moment_check),
+        NQ=nq, TPAD=tpad, HPAD=hpad, BLOCK_R=block_r,
+        num_warps=4 if block_r >= 128 else 1 if block_r <= 32 else 2, enable_fp_fusion=False,
+    )
+    return RefineOutput(mask, swaps, error_before, e_out.to(torch.float32))

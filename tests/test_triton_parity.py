@@ -1,0 +1,179 @@
+"""The ``"triton"`` backend returns exactly the reference's masks, swaps and errors.
+
+On a machine without CUDA these run under ``TRITON_INTERPRET=1`` (set by conftest) on small,
+tie-free problems; ``cap`` is lowered in some cases so that the queue threshold search (not
+only the "all members fit" path) is exercised. The ``gpu``-marked tests repeat the checks at
+LLaMA sizes on a CUDA device.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsnot_kernels as dk
+from dsnot_kernels.stats import _batch_partial_sums_torch
+
+from helpers import DTYPES, assert_same_output, make_layer, reference_output
+
+pytest.importorskip("triton")
+from dsnot_kernels.ops import batch_partial_sums, refine_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.interpret
+
+# (out, in, pattern, sparsity, dtype, cycles, cap)
+CASES = [
+    (7, 24, "unstructured", 0.5, "fp32", 6, 256),
+    (33, 200, "unstructured", 0.7, "fp16", 12, 16),
+    (5, 1000, "unstructured", 0.5, "bf16", 10, 256),
+    (6, 64, "2:4", 0.5, "fp32", 8, 256),
+    (9, 96, "4:8", 0.5, "fp16", 10, 256),
+    (33, 200, "2:4", 0.5, "bf16", 12, 8),
+]
+
+
+def _case_id(c):
+    out, inn, pattern, sparsity, dtype, cycles, cap = c
+    pat = f"{sparsity}" if pattern == "unstructured" else pattern
+    return f"O{out}-I{inn}-{pat}-{dtype}-T{cycles}-cap{cap}"
+
+
+def _layer(out, inn, dtype, seed=0, hessian=False):
+    w, stats = make_layer(out, inn, DTYPES[dtype], seed=seed, hessian=hessian)
+    return w.to(DEVICE), stats.to(DEVICE) if hasattr(stats, "to") else stats
+
+
+def _check(w, stats, cfg, label, cap=256, initial_mask=None, want_swaps=True):
+    problem, expected = reference_output(w, stats, cfg, initial_mask)
+    actual = refine_triton(problem, cap=cap)
+    assert_same_output(expected, actual, label)
+    if want_swaps:
+        assert float(expected.swaps.float().mean()) > 0, f"{label}: no swaps happened, the test is vacuous"
+    return actual
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_triton_matches_reference(case):
+    out, inn, pattern, sparsity, dtype, cycles, cap = case
+    w, stats = _layer(out, inn, dtype)
+    cfg = dk.RefineConfig(sparsity=sparsity, pattern=pattern, max_cycle_time=cycles,
+                          update_threshold=0.01)
+    _check(w, stats, cfg, _case_id(case), cap=cap)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("sign_check", [False, True], ids=["sign-off", "sign-on"])
+def test_sign_check_flag(pattern, sign_check):
+    w, stats = _layer(12, 128, "fp32", seed=1)
+    cfg = dk.RefineConfig(sparsity=0.5, pattern=pattern, max_cycle_time=10, sign_check=sign_check,
+                          update_threshold=0.01)
+    _check(w, stats, cfg, f"{pattern}-sign{sign_check}")
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_robust_checks(pattern):
+    w, stats = _layer(16, 128, "fp16", seed=2)
+    cfg = dk.RefineConfig(sparsity=0.5, pattern=pattern, max_cycle_time=10, improve_check=True,
+                          moment_check=True, update_threshold=0.01)
+    _check(w, stats, cfg, f"{pattern}-robust", want_swaps=False)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "4:8"])
+def test_given_initial_mask(pattern):
+    w, stats = _layer(10, 64, "fp32", seed=3)
+    gen = torch.Generator().manual_seed(3)
+    if pattern == "unstructured":
+        mask = torch.rand(10, 64, generator=gen) < 0.6
+    else:
+        order = torch.rand(10, 8, 8, generator=gen).argsort(-1)
+        mask = (order < 4).reshape(10, 64)
+    cfg = dk.RefineConfig(sparsity=0.5, pattern=pattern, max_cycle_time=8, update_threshold=0.01)
+    _check(w, stats, cfg, f"{pattern}-given-mask", initial_mask=mask.to(DEVICE))
+
+
+@pytest.mark.parametrize("init,pattern", [("magnitude", "unstructured"), ("magnitude", "2:4"),
+                                          ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")])
+def test_init_methods(init, pattern):
+    w, stats = _layer(8, 64, "fp32", seed=4, hessian=init == "sparsegpt")
+    cfg = dk.RefineConfig(sparsity=0.5, pattern=pattern, init=init, max_cycle_time=8,
+                          update_threshold=0.01)
+    _check(w, stats, cfg, f"{init}-{pattern}")
+
+
+def test_zero_cycles_and_zero_sparsity():
+    w, stats = _layer(4, 48, "fp32", seed=5)
+    _check(w, stats, dk.RefineConfig(sparsity=0.5, max_cycle_time=0), "T0", want_swaps=False)
+    _check(w, stats, dk.RefineConfig(sparsity=0.0, max_cycle_time=4), "s0", want_swaps=False)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_refine_api_and_refine_many(pattern):
+    stats = _layer(1, 64, "fp32", seed=6)[1]
+    layers = [_layer(n, 64, "fp32", seed=10 + n)[0] for n in (3, 5, 2)]
+    cfg = dk.RefineConfig(sparsity=0.5, pattern=pattern, max_cycle_time=6, update_threshold=0.01)
+    many = dk.refine_many(layers, stats, cfg, backend="triton")
+    for i, (layer, got) in enumerate(zip(layers, many)):
+        single = dk.refine(layer, stats, cfg, backend="triton")
+        ref = dk.refine(layer, stats, cfg, backend="reference")
+        assert got.backend == single.backend == "triton"
+        assert_same_output((ref.pruned_mask, ref.swaps, ref.error_before, ref.error_after),
+                           (got.pruned_mask, got.swaps, got.error_before, got.error_after),
+                           f"refine_many[{i}]")
+        assert torch.equal(single.pruned_mask, got.pruned_mask) and torch.equal(single.swaps, got.swaps)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 40, 24), (2, 300, 70)], ids=lambda s: "x".join(map(str, s)))
+def test_batch_partial_sums(shape, dtype):
+    gen = torch.Generator().manual_seed(7)
+    width = shape[2]
+    x = (torch.randn(*shape, generator=gen) * (torch.rand(width, generator=gen) + 0.1)
+         + 3.0 * torch.randn(width, generator=gen)).to(DTYPES[dtype]).to(DEVICE)
+    expected = _batch_partial_sums_torch(x)
+    actual = batch_partial_sums(x)
+    for name, e, a in zip(("sum", "sumsq", "m2"), expected, actual):
+        assert a.dtype == torch.float64 and a.shape == (width,)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(TypeError, match="problem"):
+        refine_triton("not a problem")
+    with pytest.raises(ValueError, match=r"\[batch, seq, in\]"):
+        batch_partial_sums(torch.zeros(4, 4, device=DEVICE))
+    with pytest.raises(TypeError, match="float16"):
+        batch_partial_sums(torch.zeros(1, 4, 4, dtype=torch.int32, device=DEVICE))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the same parity at LLaMA sizes (a subset of rows checked against the reference)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("out,inn", [(4096, 4096), (11008, 4096), (4096, 11008)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_gpu_llama_sizes(out, inn, pattern):
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(out, inn, generator=gen) * 0.02).to(torch.float16).cuda()
+    x = (torch.randn(8, 128, inn, generator=gen) * (torch.rand(inn, generator=gen) + 0.25)
+         + 0.5 * torch.randn(inn, generator=gen)).cuda()
+    acc = dk.StatsAccumulator(inn)
+    acc.update(x)
+    stats = acc.finalize()
+    cfg = dk.RefineConfig(sparsity=0.6, pattern=pattern)
+    problem, _ = dk.build_problem(w, stats, cfg)
+    got = refine_triton(problem)
+    rows = torch.randperm(out, generator=gen)[:512].sort().values.cuda()
+    sub = dk.RefineConfig(sparsity=0.6, pattern=pattern)
+    sub_problem, expected = reference_output(w[rows], stats, sub)
+    assert_same_output(expected, tuple(t[rows] for t in got), f"{out}x{inn}-{pattern}")
+    assert float(got.swaps.float().mean()) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_gpu_stats_kernel(dtype):
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(8, 2048, 4096, generator=gen) + torch.randn(4096, generator=gen)).to(DTYPES[dtype]).cuda()
+    for name, e, a in zip(("sum", "sumsq", "m2"), _batch_partial_sums_torch(x), batch_partial_sums(x)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
