@@ -32,16 +32,17 @@ SCRIPT = textwrap.dedent(r"""
         fn, warps = select_kernel, 8
         sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
                    iscore_ptr="*fp32", imask_ptr="*u8", mask_ptr="*u8", e0_ptr="*fp64",
-                   queue_ptr="*i32", scratch_ptr="*i64", cols="i32", stride_w="i32",
+                   queue_ptr="*i32", qd_ptr="*fp32", qa_ptr="*fp32", scratch_ptr="*i64", cols="i32", stride_w="i32",
                    stride_is="i32", stride_im="i32", stride_m="i32", pruned_per_row="i32", depth="i32")
         nm = case == "select-nm"
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, GPAD=1024 if nm else 1,
                      MPAD=4 if nm else 4096, HAS_MASK=False, HAS_SCORE=False,
-                     NQ=2 if nm else 4, TPAD=64, CAP=256)
+                     NQ=2 if nm else 4, TPAD=64, CAP=128, STORE_A=not nm)
     elif case.startswith("cycles"):
         fn, warps = cycles_kernel, 4
         sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", scale_ptr="*fp32", iscore_ptr="*fp32",
                    params_ptr="*fp64", mask_ptr="*u8", e_ptr="*fp64", queue_ptr="*i32",
+                   qd_ptr="*fp32", qa_ptr="*fp32",
                    swaps_ptr="*i32", e_out_ptr="*fp64", rows="i32", cols="i32", stride_w="i32",
                    stride_is="i32", stride_m="i32", cycles="i32")
         nm = case == "cycles-nm"

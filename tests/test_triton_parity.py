@@ -100,6 +100,24 @@ def test_init_methods(init, pattern):
     _check(w, stats, cfg, f"{init}-{pattern}")
 
 
+@pytest.mark.parametrize("pattern,init,cap", [("unstructured", "wanda", 8), ("unstructured", "magnitude", 256),
+                                              ("2:4", "magnitude", 8)],
+                         ids=["unstructured-wanda-cap8", "unstructured-magnitude", "2:4-magnitude-cap8"])
+def test_heavy_ties(pattern, init, cap):
+    """Few distinct weights and column factors: scores tie in whole blocks, so the selections
+    must fall back to the column order (the int64 key rule) inside a tie block."""
+    gen = torch.Generator().manual_seed(8)
+    out, inn = 12, 160
+    w = (torch.randint(-6, 7, (out, inn), generator=gen).float() / 4).to(DEVICE)
+    sign = torch.where(torch.arange(inn) % 3 == 0, -1.0, 1.0)
+    stats = dk.LayerStats(sum_metric_row=sign * 2.0, scaler_row=torch.full((inn,), 9.0),
+                          var=torch.where(torch.arange(inn) % 5 == 0, 0.5, 2.0), nsamples=4,
+                          ntokens=128).to(DEVICE)
+    cfg = dk.RefineConfig(sparsity=0.55, pattern=pattern, init=init, max_cycle_time=20,
+                          update_threshold=0.01)
+    _check(w, stats, cfg, f"ties-{pattern}-{init}", cap=cap)
+
+
 def test_zero_cycles_and_zero_sparsity():
     w, stats = _layer(4, 48, "fp32", seed=5)
     _check(w, stats, dk.RefineConfig(sparsity=0.5, max_cycle_time=0), "T0", want_swaps=False)

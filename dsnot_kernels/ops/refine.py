@@ -19,7 +19,8 @@ from .refine_cycles import cycles_kernel
 from .refine_select import select_kernel
 
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-DEFAULT_CAP = 256          # keys kept per queue before the bitonic sort (>= the queue depth)
+DEFAULT_CAP = 128          # keys kept per queue before the bitonic sort (>= the queue depth)
+MAX_CAP = 32768            # per-queue counts share one int64 scan in 16-bit fields
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -48,17 +49,22 @@ def _check(problem: RefineProblem) -> None:
 
 
 def _num_warps(block: int) -> int:
-    # about 16-32 elements per thread per row tensor; 16 warps (512 threads) at in >= 8192
-    return max(4, min(16, block // 512))
+    # about 16 elements per thread per row tensor: 8 warps at in = 4096, 32 at in = 16384
+    return max(4, min(32, block // 512))
 
 
-def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP) -> RefineOutput:
+def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
+                  num_warps: int | None = None, block_rows: int | None = None) -> RefineOutput:
     """SPEC §2-§5 for every row of ``problem`` in two Triton launches; exactly the reference.
 
     ``cap`` (a power of two) bounds the keys per queue that are sorted; it only changes speed
-    (tests lower it to exercise the threshold search).
+    (tests lower it to exercise the threshold search). ``num_warps`` overrides the warps of the
+    select kernel and ``block_rows`` the rows per program of the cycles kernel (tuning knobs;
+    ``None`` = the defaults).
     """
     _check(problem)
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps}")
     w = problem.weight.contiguous()
     rows, cols = w.shape
     device = w.device
@@ -80,8 +86,14 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP) -> RefineOutpu
     depth = max(1, min(cycles, cols))
     tpad = _pow2(depth)
     cap = max(tpad, _pow2(min(cap, _pow2(cols))))
+    if cap > MAX_CAP:
+        raise ValueError(f"problem.cycles={cycles} is too large for the triton backend "
+                         f"(at most {MAX_CAP} candidates per queue)")
     queues = torch.empty(rows, nq, tpad, dtype=torch.int32, device=device)
-    scratch = torch.empty(rows, cap, dtype=torch.int64, device=device)
+    qd = torch.empty(rows, nq, tpad, dtype=torch.float32, device=device)     # D of each entry
+    store_a = bool(problem.moment_check) and not nm
+    qa = torch.empty(rows, nq, tpad, dtype=torch.float32, device=device) if store_a else qd
+    scratch = torch.empty(rows, nq * cap, dtype=torch.int64, device=device)
 
     dummy_f = problem.sum_metric_row
     scale = problem.init_col_scale if problem.init_col_scale is not None else dummy_f
@@ -93,14 +105,14 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP) -> RefineOutpu
         w, problem.sum_metric_row, problem.sqrt_scaler_row, problem.var_pow, scale,
         iscore if iscore is not None else dummy_f,
         imask.view(torch.uint8) if imask is not None else mask_u8,
-        mask_u8, e0, queues, scratch,
+        mask_u8, e0, queues, qd, qa, scratch,
         cols, w.stride(0), iscore.stride(0) if iscore is not None else 0,
         imask.stride(0) if imask is not None else 0, mask.stride(0),
         int(problem.pruned_per_row), depth,
         IS_NM=nm, N=n, M=max(m, 1), GPAD=gpad, MPAD=mpad,
         HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
-        NQ=nq, TPAD=tpad, CAP=cap,
-        num_warps=_num_warps(block), enable_fp_fusion=False,
+        NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a,
+        num_warps=num_warps or _num_warps(block), enable_fp_fusion=False,
     )
     error_before = e0.to(torch.float32)
     if cycles == 0:
@@ -113,10 +125,12 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP) -> RefineOutpu
     # rows per program: 128 lanes, fewer when the N:M history/rank tiles get wide
     budget = max(1, min(128, 4096 // (hpad * (mpad * mpad if nm else 1))))
     block_r = min(1 << (budget.bit_length() - 1), _pow2(rows))
+    if block_rows is not None:
+        block_r = _pow2(block_rows)
     cycles_kernel[(triton.cdiv(rows, block_r),)](
         w, problem.sum_metric_row, problem.sqrt_scaler_row, scale,
         iscore if iscore is not None else dummy_f, params,
-        mask_u8, e0, queues, swaps, e_out,
+        mask_u8, e0, queues, qd, qa, swaps, e_out,
         rows, cols, w.stride(0), iscore.stride(0) if iscore is not None else 0, mask.stride(0), cycles,
         IS_NM=nm, M=max(m, 1), MPAD=mpad if nm else 1, HAS_SCORE=iscore is not None,
         SIGN_CHECK=bool(problem.sign_check), IMPROVE_CHECK=bool(problem.improve_check),

@@ -37,7 +37,7 @@ from ._common import ordered_key, sign_f64
 @triton.jit
 def cycles_kernel(
     w_ptr, s_ptr, sq_ptr, scale_ptr, iscore_ptr, params_ptr,
-    mask_ptr, e_ptr, queue_ptr, swaps_ptr, e_out_ptr,
+    mask_ptr, e_ptr, queue_ptr, qd_ptr, qa_ptr, swaps_ptr, e_out_ptr,
     rows, cols, stride_w, stride_is, stride_m, cycles,
     IS_NM: tl.constexpr, M: tl.constexpr, MPAD: tl.constexpr, HAS_SCORE: tl.constexpr,
     SIGN_CHECK: tl.constexpr, IMPROVE_CHECK: tl.constexpr, MOMENT_CHECK: tl.constexpr,
@@ -55,7 +55,6 @@ def cycles_kernel(
     ptr_pn = tl.zeros([BLOCK_R], dtype=tl.int32)
     ptr_pp = tl.zeros([BLOCK_R], dtype=tl.int32)
     swaps = tl.zeros([BLOCK_R], dtype=tl.int32)
-    qbase = queue_ptr + r * (NQ * TPAD)
     w_row = w_ptr + r * stride_w
     if IS_NM:
         t_idx = tl.arange(0, HPAD)[None, :]
@@ -69,7 +68,9 @@ def cycles_kernel(
         active = active & (tl.abs(e) > threshold)
         pos = e > 0
         ptr_g = tl.where(pos, ptr_gp, ptr_gn)
-        gcol = tl.load(qbase + tl.where(pos, 0, TPAD) + ptr_g, mask=active & (ptr_g < TPAD), other=-1)
+        g_at = r * (NQ * TPAD) + tl.where(pos, 0, TPAD) + ptr_g
+        # loads masked by `live` only (not `active`): the four queue reads of a cycle issue together
+        gcol = tl.load(queue_ptr + g_at, mask=live & (ptr_g < TPAD), other=-1)
         active = active & (gcol >= 0)
         ptr_gp += tl.where(active & pos, 1, 0)
         ptr_gn += tl.where(active & (pos == 0), 1, 0)
@@ -96,17 +97,22 @@ def cycles_kernel(
             proposing = active & has_partner
         else:
             ptr_p = tl.where(pos, ptr_pn, ptr_pp)
-            pcol = tl.load(qbase + tl.where(pos, 2 * TPAD, 3 * TPAD) + ptr_p,
-                           mask=active & (ptr_p < TPAD), other=-1)
+            p_at = r * (NQ * TPAD) + tl.where(pos, 2 * TPAD, 3 * TPAD) + ptr_p
+            pcol = tl.load(queue_ptr + p_at, mask=live & (ptr_p < TPAD), other=-1)
             active = active & (pcol >= 0)
             ptr_pn += tl.where(active & pos, 1, 0)
             ptr_pp += tl.where(active & (pos == 0), 1, 0)
             pcol = tl.where(active, pcol, 0).to(tl.int64)
             proposing = active
-        wg = tl.load(w_row + gcol, mask=proposing, other=0.0).to(tl.float32)
-        wp = tl.load(w_row + pcol, mask=proposing, other=0.0).to(tl.float32)
-        dg = wg * tl.load(s_ptr + gcol, mask=proposing, other=0.0)
-        dp = wp * tl.load(s_ptr + pcol, mask=proposing, other=0.0)
+        if IS_NM:
+            wg = tl.load(w_row + gcol, mask=proposing, other=0.0).to(tl.float32)
+            wp = tl.load(w_row + pcol, mask=proposing, other=0.0).to(tl.float32)
+            dg = wg * tl.load(s_ptr + gcol, mask=proposing, other=0.0)
+            dp = wp * tl.load(s_ptr + pcol, mask=proposing, other=0.0)
+        else:
+            # D (and A) of the queue entries were stored next to their columns by kernel 1
+            dg = tl.load(qd_ptr + g_at, mask=live & (ptr_g < TPAD), other=0.0)
+            dp = tl.load(qd_ptr + p_at, mask=live & (ptr_p < TPAD), other=0.0)
         e2 = (e + dp.to(tl.float64)) - dg.to(tl.float64)
         ok = proposing
         if SIGN_CHECK:
@@ -114,8 +120,12 @@ def cycles_kernel(
         if IMPROVE_CHECK:
             ok = ok & (tl.abs(e2) < tl.abs(e))
         if MOMENT_CHECK:
-            ag = (tl.abs(wg) * tl.load(sq_ptr + gcol, mask=proposing, other=0.0)).to(tl.float64)
-            ap = (tl.abs(wp) * tl.load(sq_ptr + pcol, mask=proposing, other=0.0)).to(tl.float64)
+            if IS_NM:
+                ag = (tl.abs(wg) * tl.load(sq_ptr + gcol, mask=proposing, other=0.0)).to(tl.float64)
+                ap = (tl.abs(wp) * tl.load(sq_ptr + pcol, mask=proposing, other=0.0)).to(tl.float64)
+            else:
+                ag = tl.load(qa_ptr + g_at, mask=proposing, other=0.0).to(tl.float64)
+                ap = tl.load(qa_ptr + p_at, mask=proposing, other=0.0).to(tl.float64)
             dg64 = dg.to(tl.float64)
             dp64 = dp.to(tl.float64)
             delta = seq_len * (ap * ap - ag * ag) - (dp64 * dp64 - dg64 * dg64) + (e2 * e2 - e * e)

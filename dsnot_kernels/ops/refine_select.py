@@ -9,7 +9,7 @@ with ``BLOCK = next_pow2(in)``). Math (SPEC §2-§5, all float32 unless stated):
     key(x) = ordered_int32(x) * 2^32 + column          (unique; orders like a stable sort)
 
 * Initial mask (unless given): unstructured: prune the ``k`` smallest score keys, found
-  exactly by :func:`count_threshold` (bisection on counts; no sort). N:M: prune the columns
+  exactly by :func:`threshold32` (interpolation/bisection on int32 counts; no sort). N:M: prune the columns
   whose key rank inside their group is ``< N`` (rank = a static loop over the ``M`` group
   members, each loaded as one strided ``[GPAD]`` column).
 * ``e0 = Σ_{pruned} (double) D`` (float64).
@@ -17,21 +17,24 @@ with ``BLOCK = next_pow2(in)``). Math (SPEC §2-§5, all float32 unless stated):
   ``grow+`` (pruned, G > 0, tk = -key(G)), ``grow-`` (pruned, G < 0, tk = key(G)),
   ``prune-`` (kept, D < 0, tk = key(A)), ``prune+`` (kept, D > 0, tk = key(A)); N:M uses only
   the two grow queues. Top-``T`` without a full sort: a threshold keeping between
-  ``depth = min(T, in)`` and ``CAP`` members (:func:`count_threshold`), compaction of those
-  ``<= CAP`` keys through a per-row scratch line (cumsum positions), a ``CAP``-wide bitonic
-  ``tl.sort``, and the first ``TPAD`` columns written out (``-1`` = past the end).
+  ``depth = min(T, in)`` and ``CAP`` members (:func:`threshold32`, per queue), compaction of
+  those ``<= CAP`` keys through a per-row ``[NQ, CAP]`` scratch block (one int64 cumsum for all
+  queues: they are disjoint, each counts in its own 16-bit field), one ``[NQ, CAP]`` bitonic
+  ``tl.sort`` along the last axis, and the first ``TPAD`` columns written out (``-1`` = past
+  the end) with their ``D`` (and ``A`` when the moment check is on), so that kernel 2 needs
+  no gathers from ``W`` for unstructured rows.
 
 Memory traffic per row: one read of the ``W`` row (2 B/weight for fp16), the ``[in]`` column
 vectors (L2-resident, shared by all rows), the initial mask or score when given; one write of
-the mask (1 B/weight), ``8 B`` of ``e0`` and ``NQ * TPAD * 4 B`` of queues (+ the scratch line,
-``<= NQ * CAP * 8 B``, L2-resident). The N:M rank loop re-reads the row once more (L1/L2).
+the mask (1 B/weight), ``8 B`` of ``e0`` and ``NQ * TPAD * (8 or 12) B`` of queues (+ the
+scratch block, ``<= NQ * CAP * 8 B``, L2-resident). The N:M rank loop re-reads the row once more (L1/L2).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._common import INT64_MAX, count_threshold, key_column, ordered_key
+from ._common import INT64_MAX, ordered32, threshold32
 
 
 @triton.jit
@@ -47,12 +50,12 @@ def _init_score(w_ptr, scale_ptr, iscore_ptr, row, col, valid, stride_w, stride_
 @triton.jit
 def select_kernel(
     w_ptr, s_ptr, sq_ptr, vp_ptr, scale_ptr, iscore_ptr, imask_ptr,   # inputs
-    mask_ptr, e0_ptr, queue_ptr, scratch_ptr,                           # outputs / scratch
+    mask_ptr, e0_ptr, queue_ptr, qd_ptr, qa_ptr, scratch_ptr,           # outputs / scratch
     cols, stride_w, stride_is, stride_im, stride_m, pruned_per_row, depth,
     IS_NM: tl.constexpr, N: tl.constexpr, M: tl.constexpr,
     GPAD: tl.constexpr, MPAD: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SCORE: tl.constexpr,
-    NQ: tl.constexpr, TPAD: tl.constexpr, CAP: tl.constexpr,
+    NQ: tl.constexpr, TPAD: tl.constexpr, CAP: tl.constexpr, STORE_A: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     gi = tl.arange(0, GPAD)[:, None].to(tl.int64)
@@ -73,22 +76,24 @@ def select_kernel(
     if HAS_MASK:
         pruned = tl.load(imask_ptr + row * stride_im + col, mask=valid, other=0) != 0
     else:
-        skey = ordered_key(_init_score(w_ptr, scale_ptr, iscore_ptr, row, col, valid,
-                                       stride_w, stride_is, HAS_SCORE), col)
+        sv = ordered32(_init_score(w_ptr, scale_ptr, iscore_ptr, row, col, valid,
+                                   stride_w, stride_is, HAS_SCORE))
         if IS_NM:
             rank = tl.zeros([GPAD, MPAD], dtype=tl.int32)
             for j2 in tl.static_range(M):
                 c2 = gi * M + j2                                  # [GPAD, 1]: member j2 of each group
                 v2 = c2 < cols
-                k2 = ordered_key(_init_score(w_ptr, scale_ptr, iscore_ptr, row, c2, v2,
-                                             stride_w, stride_is, HAS_SCORE), c2)
-                rank += tl.where(k2 < skey, 1, 0)
+                k2 = ordered32(_init_score(w_ptr, scale_ptr, iscore_ptr, row, c2, v2,
+                                           stride_w, stride_is, HAS_SCORE))
+                # (k2, c2) < (sv, col): the stable-sort rank inside the group
+                rank += tl.where((k2 < sv) | ((k2 == sv) & (c2 < col)), 1, 0)
             pruned = valid & (rank < N)
         else:
-            flat_key = tl.reshape(skey, [GPAD * MPAD])
+            flat_v = tl.reshape(sv, [GPAD * MPAD])
+            flat_c = tl.reshape(col, [GPAD * MPAD]).to(tl.int32)
             flat_valid = tl.reshape(valid, [GPAD * MPAD])
-            th = count_threshold(flat_key, flat_valid, pruned_per_row, pruned_per_row)
-            pruned = valid & (skey <= th)
+            tv, tt = threshold32(flat_v, flat_c, flat_valid, pruned_per_row, pruned_per_row)
+            pruned = valid & ((sv < tv) | ((sv == tv) & (col <= tt))) & (pruned_per_row > 0)
     tl.store(mask_ptr + row * stride_m + col, pruned.to(tl.int8), mask=valid)
 
     # ---- SPEC §3: the row error, float64 -----------------------------------------------------
@@ -96,38 +101,63 @@ def select_kernel(
     tl.store(e0_ptr + row, e0)
 
     # ---- SPEC §4/§5: top-T of each queue, in pop order ---------------------------------------
+    # The queues are disjoint, so one int32 sort value ``v`` and tie key per weight serve all:
+    #   q0 grow+  (pruned, G > 0): v = ~ord(G), tie = -col   (G descending, higher column first)
+    #   q1 grow-  (pruned, G < 0): v =  ord(G), tie =  col
+    #   q2 prune- (kept,   D < 0): v =  ord(A), tie =  col   (unstructured only)
+    #   q3 prune+ (kept,   D > 0): v =  ord(A), tie =  col
     BLOCK: tl.constexpr = GPAD * MPAD
-    fcol = tl.reshape(col, [BLOCK])
+    fcol = tl.reshape(col, [BLOCK]).to(tl.int32)
     fpruned = tl.reshape(pruned, [BLOCK])
     fkept = tl.reshape(valid & (pruned == 0), [BLOCK])
     fd = tl.reshape(d, [BLOCK])
     fg = tl.reshape(g, [BLOCK])
-    slot = tl.arange(0, CAP)
-    scratch = scratch_ptr + row * CAP
+    og = ordered32(fg)
+    if NQ == 4:
+        v = tl.where(fpruned, tl.where(fg > 0, ~og, og), ordered32(tl.reshape(a, [BLOCK])))
+    else:
+        v = tl.where(fg > 0, ~og, og)
+    is_q0 = fpruned & (fg > 0)
+    tie = tl.where(is_q0, -fcol, fcol)
+    sel = fpruned & (fpruned == 0)                 # all False
+    qid = tl.zeros([BLOCK], dtype=tl.int64)
     for q in tl.static_range(NQ):
-        if q == 0:      # grow+: G descending, ties higher column first
-            member = fpruned & (fg > 0)
-            tkey = -ordered_key(fg, fcol)
-        elif q == 1:    # grow-: G ascending, ties lower column first
-            member = fpruned & (fg < 0)
-            tkey = ordered_key(fg, fcol)
-        elif q == 2:    # prune-: A ascending, ties lower column first
-            member = fkept & (fd < 0)
-            tkey = ordered_key(tl.reshape(a, [BLOCK]), fcol)
-        else:           # prune+
-            member = fkept & (fd > 0)
-            tkey = ordered_key(tl.reshape(a, [BLOCK]), fcol)
-        th = count_threshold(tkey, member, depth, CAP)
-        cand = member & (tkey <= th)
-        n_cand = tl.sum(tl.where(cand, 1, 0))
-        where_to = tl.cumsum(tl.where(cand, 1, 0), axis=0) - 1
-        tl.debug_barrier()                 # the previous queue's reads of the scratch line are done
-        tl.store(scratch + where_to, tkey, mask=cand)
-        tl.debug_barrier()                 # the compacted line is visible to every thread
-        head = tl.sort(tl.load(scratch + slot, mask=slot < n_cand, other=INT64_MAX))
         if q == 0:
-            head_col = key_column(-head)
+            member = is_q0
+        elif q == 1:
+            member = fpruned & (fg < 0)
+        elif q == 2:
+            member = fkept & (fd < 0)
         else:
-            head_col = key_column(head)
-        head_col = tl.where(slot < n_cand, head_col, -1)
-        tl.store(queue_ptr + (row * NQ + q) * TPAD + slot, head_col, mask=slot < TPAD)
+            member = fkept & (fd > 0)
+        tv, tt = threshold32(v, tie, member, depth, CAP)
+        cand = member & ((v < tv) | ((v == tv) & (tie <= tt)))
+        sel = sel | cand
+        qid = tl.where(member, q, qid)
+    # one scan for all queues: 16-bit count fields, one per queue (counts <= CAP < 2^16)
+    field = tl.where(sel, tl.full([BLOCK], 1, tl.int64) << (qid * 16), 0)
+    pos = (tl.cumsum(field, axis=0) >> (qid * 16)) & 0xFFFF
+    # (v, tie) as one int64 key: ascending key == pop order
+    key = v.to(tl.int64) * 4294967296 + (tie.to(tl.int64) + 2147483648)
+    tl.store(scratch_ptr + row * (NQ * CAP) + qid * CAP + pos - 1, key, mask=sel)
+    counts = tl.sum(field, axis=0)
+    tl.debug_barrier()                 # the compacted lines are visible to every thread
+    qq = tl.arange(0, NQ)[:, None]
+    slot = tl.arange(0, CAP)[None, :]
+    n_q = (counts >> (qq.to(tl.int64) * 16)) & 0xFFFF
+    live = slot < n_q
+    head = tl.sort(tl.load(scratch_ptr + row * (NQ * CAP) + qq * CAP + slot, mask=live,
+                           other=INT64_MAX), dim=1)
+    hcol = ((head & 0xFFFFFFFF) - 2147483648).to(tl.int32)
+    hcol = tl.where(qq == 0, -hcol, hcol)
+    keep = live & (slot < TPAD)
+    hcol = tl.where(live, hcol, -1)
+    out = (row * NQ + qq) * TPAD + slot
+    tl.store(queue_ptr + out, hcol, mask=slot < TPAD)
+    # D (and A) of each queue entry, so that the cycles need no gathers from W
+    hc = tl.where(keep, hcol, 0).to(tl.int64)
+    wq = tl.load(w_ptr + row * stride_w + hc, mask=keep, other=0.0).to(tl.float32)
+    tl.store(qd_ptr + out, wq * tl.load(s_ptr + hc, mask=keep, other=0.0), mask=slot < TPAD)
+    if STORE_A:
+        tl.store(qa_ptr + out, tl.abs(wq) * tl.load(sq_ptr + hc, mask=keep, other=0.0),
+                 mask=slot < TPAD)
