@@ -38,9 +38,28 @@ def _weight_of(layer: LayerLike, name: str = "layer") -> torch.Tensor:
         raise ValueError(f"{name} weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"{name} weight must be float16, bfloat16 or float32, got {weight.dtype}")
-    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
-        raise ValueError(f"{name} weight contains NaN or inf")
     return weight.contiguous()
+
+
+def _check_values(checks: Sequence[Tuple[str, torch.Tensor, bool]]) -> None:
+    """Raise for the first ``(name, tensor, must_be_nonnegative)`` holding NaN/inf (or a negative).
+
+    All flags are reduced on the tensors' device and read back with ONE host transfer: on a GPU
+    each separate ``bool(...)`` would be a synchronisation of its own.
+    """
+    checks = [c for c in checks if c[1].device.type != "meta"]
+    if not checks:
+        return
+    flags = []
+    for _, tensor, nonnegative in checks:
+        flags.append(~torch.isfinite(tensor).all())
+        flags.append((tensor < 0).any() if nonnegative else torch.zeros((), dtype=torch.bool, device=tensor.device))
+    bad = torch.stack([f.to(checks[0][1].device) for f in flags]).tolist()
+    for i, (name, _, _) in enumerate(checks):
+        if bad[2 * i]:
+            raise ValueError(f"{name} contains NaN or inf")
+        if bad[2 * i + 1]:
+            raise ValueError(f"{name} must be >= 0 (it is a mean of squares / a variance)")
 
 
 def _check_stats(stats: LayerStats, weight: torch.Tensor) -> None:
@@ -59,11 +78,6 @@ def _check_stats(stats: LayerStats, weight: torch.Tensor) -> None:
         if value.device != weight.device:
             raise ValueError(f"stats.{field} is on {value.device} but the layer weight is on {weight.device}; "
                              f"move them to one device (stats.to(device))")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"stats.{field} contains NaN or inf")
-    for field in ("scaler_row", "var"):
-        if bool((getattr(stats, field) < 0).any()):
-            raise ValueError(f"stats.{field} must be >= 0 (it is a mean of squares / a variance)")
     if not isinstance(stats.nsamples, int) or stats.nsamples <= 0 or \
             not isinstance(stats.ntokens, int) or stats.ntokens < stats.nsamples:
         raise ValueError(f"stats.nsamples must be a positive int and stats.ntokens >= nsamples, "
@@ -81,8 +95,7 @@ def _check_hessian(stats: LayerStats, weight: torch.Tensor) -> torch.Tensor:
                          f"got {getattr(h, 'shape', type(h).__name__)}")
     if h.device != weight.device:
         raise ValueError(f"stats.hessian is on {h.device} but the layer weight is on {weight.device}")
-    if not bool(torch.isfinite(h).all()):
-        raise ValueError("stats.hessian contains NaN or inf")
+    _check_values([("stats.hessian", h, False)])
     return h
 
 
@@ -119,6 +132,8 @@ def build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConfi
     cfg.validate()
     weight = _weight_of(layer)
     _check_stats(stats, weight)
+    _check_values([("layer weight", weight, False), ("stats.sum_metric_row", stats.sum_metric_row, False),
+                   ("stats.scaler_row", stats.scaler_row, True), ("stats.var", stats.var, True)])
     n, m = cfg.nm
     in_features = weight.shape[1]
     if m and in_features % m:
