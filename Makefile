@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dsnot-installed
-EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) build_extension.py setup.py
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) CMakeLists.txt build_extension.py setup.py
 
 .PHONY: all install test test-quick demo bench clean
 

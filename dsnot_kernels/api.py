@@ -44,16 +44,18 @@ def _weight_of(layer: LayerLike, name: str = "layer") -> torch.Tensor:
 def _check_values(checks: Sequence[Tuple[str, torch.Tensor, bool]]) -> None:
     """Raise for the first ``(name, tensor, must_be_nonnegative)`` holding NaN/inf (or a negative).
 
-    All flags are reduced on the tensors' device and read back with ONE host transfer: on a GPU
-    each separate ``bool(...)`` would be a synchronisation of its own.
+    One ``aminmax`` per tensor answers both questions (NaN propagates into min/max, ±inf shows
+    up in one of them; it is several times faster than ``isfinite().all()`` on fp16), and all
+    flags are read back with ONE host transfer: on a GPU each ``bool(...)`` would be a sync.
     """
-    checks = [c for c in checks if c[1].device.type != "meta"]
+    checks = [c for c in checks if c[1].device.type != "meta" and c[1].numel() > 0]
     if not checks:
         return
     flags = []
     for _, tensor, nonnegative in checks:
-        flags.append(~torch.isfinite(tensor).all())
-        flags.append((tensor < 0).any() if nonnegative else torch.zeros((), dtype=torch.bool, device=tensor.device))
+        low, high = torch.aminmax(tensor)
+        flags.append(~(torch.isfinite(low) & torch.isfinite(high)))
+        flags.append(low < 0 if nonnegative else torch.zeros((), dtype=torch.bool, device=tensor.device))
     bad = torch.stack([f.to(checks[0][1].device) for f in flags]).tolist()
     for i, (name, _, _) in enumerate(checks):
         if bad[2 * i]:

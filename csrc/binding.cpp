@@ -1,0 +1,143 @@
+// binding.cpp: the ONLY file that includes torch headers. It checks the tensors (errors name
+// the argument), allocates the outputs, and calls the torch-free core (dsnot_nm.h): the C++
+// CPU path for CPU tensors and, when built with DSNOT_WITH_CUDA, the CUDA path for CUDA
+// tensors on the current stream. Exposed as the pybind module dsnot_kernels._C.
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "dsnot_nm.h"
+
+#ifdef DSNOT_WITH_CUDA
+// c10's stream/guard headers only: ATen/cuda/CUDAContext.h would also pull in cuBLAS and
+// cuSPARSE headers, which a minimal CUDA toolkit does not have.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace {
+
+int32_t dtype_tag(const torch::Tensor& weight) {
+  switch (weight.scalar_type()) {
+    case torch::kFloat32: return DSNOT_FLOAT32;
+    case torch::kFloat16: return DSNOT_FLOAT16;
+    case torch::kBFloat16: return DSNOT_BFLOAT16;
+    default:
+      TORCH_CHECK_TYPE(false, "weight must be float32, float16 or bfloat16, got ", weight.scalar_type());
+  }
+  return -1;
+}
+
+void check_column_vector(const torch::Tensor& t, const char* name, const torch::Tensor& weight) {
+  TORCH_CHECK_TYPE(t.scalar_type() == torch::kFloat32, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == weight.size(1), name, " must have shape [",
+                    weight.size(1), "] (weight's in_features), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == weight.device(), name, " is on ", t.device(), " but weight is on ",
+                    weight.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_matrix(const torch::Tensor& t, const char* name, const torch::Tensor& weight,
+                  torch::ScalarType dtype) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == weight.sizes(), name, " must have the weight's shape ", weight.sizes(),
+                    ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == weight.device(), name, " is on ", t.device(), " but weight is on ",
+                    weight.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+// refine_nm(weight [out, in], S [in], sqrt(Q) [in], V^p [in], init_col_scale [in]?, init_score
+// [out, in]?, initial_mask [out, in] bool?, N, M, cycles, threshold, sign_check, improve_check,
+// moment_check, seq_len) -> (pruned_mask bool [out, in], swaps int32 [out],
+// error_before float32 [out], error_after float32 [out])
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> refine_nm(
+    const torch::Tensor& weight, const torch::Tensor& sum_metric_row, const torch::Tensor& sqrt_scaler_row,
+    const torch::Tensor& var_pow, const std::optional<torch::Tensor>& init_col_scale,
+    const std::optional<torch::Tensor>& init_score, const std::optional<torch::Tensor>& initial_mask,
+    int64_t prune_n, int64_t prune_m, int64_t cycles, double threshold, bool sign_check,
+    bool improve_check, bool moment_check, double seq_len) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D [out, in], got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.is_contiguous(), "weight must be contiguous");
+  const int32_t dtype = dtype_tag(weight);
+  TORCH_CHECK_VALUE(1 <= prune_n && prune_n < prune_m && prune_m <= (1 << 20),
+                    "prune_n/prune_m must satisfy 1 <= N < M, got ", prune_n, ":", prune_m);
+  TORCH_CHECK_VALUE(weight.size(1) % prune_m == 0, "weight's in_features (", weight.size(1),
+                    ") must be a multiple of M=", prune_m);
+  TORCH_CHECK_VALUE(0 <= cycles && cycles <= INT32_MAX, "cycles must be in [0, 2^31), got ", cycles);
+  TORCH_CHECK_VALUE(threshold >= 0, "threshold must be >= 0, got ", threshold);
+  check_column_vector(sum_metric_row, "sum_metric_row", weight);
+  check_column_vector(sqrt_scaler_row, "sqrt_scaler_row", weight);
+  check_column_vector(var_pow, "var_pow", weight);
+  TORCH_CHECK_VALUE(init_col_scale.has_value() != init_score.has_value(),
+                    "give exactly one of init_col_scale and init_score");
+  if (init_col_scale) check_column_vector(*init_col_scale, "init_col_scale", weight);
+  if (init_score) check_matrix(*init_score, "init_score", weight, torch::kFloat32);
+  if (initial_mask) check_matrix(*initial_mask, "initial_mask", weight, torch::kBool);
+
+  const auto rows = weight.size(0);
+  auto mask = torch::empty(weight.sizes(), weight.options().dtype(torch::kBool));
+  auto swaps = torch::empty({rows}, weight.options().dtype(torch::kInt32));
+  auto error_before = torch::empty({rows}, weight.options().dtype(torch::kFloat32));
+  auto error_after = torch::empty({rows}, weight.options().dtype(torch::kFloat32));
+
+  dsnot_nm_problem p{};
+  p.weight = weight.data_ptr();
+  p.dtype = dtype;
+  p.rows = rows;
+  p.cols = weight.size(1);
+  p.sum_metric_row = sum_metric_row.data_ptr<float>();
+  p.sqrt_scaler_row = sqrt_scaler_row.data_ptr<float>();
+  p.var_pow = var_pow.data_ptr<float>();
+  p.init_col_scale = init_col_scale ? init_col_scale->data_ptr<float>() : nullptr;
+  p.init_score = init_score ? init_score->data_ptr<float>() : nullptr;
+  p.initial_mask = initial_mask ? reinterpret_cast<const uint8_t*>(initial_mask->data_ptr<bool>()) : nullptr;
+  p.prune_n = (int32_t)prune_n;
+  p.prune_m = (int32_t)prune_m;
+  p.cycles = (int32_t)cycles;
+  p.threshold = threshold;
+  p.sign_check = sign_check;
+  p.improve_check = improve_check;
+  p.moment_check = moment_check;
+  p.seq_len = seq_len;
+  dsnot_nm_output o{};
+  o.pruned_mask = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
+  o.swaps = swaps.data_ptr<int32_t>();
+  o.error_before = error_before.data_ptr<float>();
+  o.error_after = error_after.data_ptr<float>();
+
+  int status = DSNOT_OK;
+  if (weight.is_cpu()) {
+    const int threads = at::get_num_threads();  // follows torch.set_num_threads
+    pybind11::gil_scoped_release no_gil;
+    status = dsnot_nm_refine_cpu(&p, &o, threads);
+  } else if (weight.is_cuda()) {
+#ifdef DSNOT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(weight.device());
+    const size_t bytes = dsnot_nm_cuda_workspace_bytes(p.rows, p.cols, p.cycles);
+    auto workspace = torch::empty({(int64_t)std::max<size_t>(bytes, 1)}, weight.options().dtype(torch::kUInt8));
+    status = dsnot_nm_refine_cuda(&p, &o, workspace.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "dsnot_kernels._C was built without CUDA; rebuild with nvcc and a CUDA torch");
+#endif
+  } else {
+    TORCH_CHECK(false, "weight must be on a CPU or CUDA device, got ", weight.device());
+  }
+  TORCH_CHECK(status == DSNOT_OK, "dsnot_kernels._C refine_nm failed: ", dsnot_status_string(status));
+  return {mask, swaps, error_before, error_after};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dsnot_kernels._C: compiled N:M DSnoT mask swaps (C++ CPU path, optional CUDA path)";
+  m.def("refine_nm", &refine_nm, "SPEC §2-§5 for an N:M pattern; see csrc/dsnot_nm.h",
+        pybind11::arg("weight"), pybind11::arg("sum_metric_row"), pybind11::arg("sqrt_scaler_row"),
+        pybind11::arg("var_pow"), pybind11::arg("init_col_scale"), pybind11::arg("init_score"),
+        pybind11::arg("initial_mask"), pybind11::arg("prune_n"), pybind11::arg("prune_m"),
+        pybind11::arg("cycles"), pybind11::arg("threshold"), pybind11::arg("sign_check"),
+        pybind11::arg("improve_check"), pybind11::arg("moment_check"), pybind11::arg("seq_len"));
+  m.def("has_cuda", []() { return dsnot_nm_has_cuda() != 0; }, "True if built with the CUDA path");
+}

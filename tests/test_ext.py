@@ -1,0 +1,197 @@
+"""The compiled N:M backend ``"ext"`` (dsnot_kernels._C) against the reference oracle.
+
+CPU path: every N:M shape family (M = 4 / 8 / 16 use compile-time group code, M = 24 the
+generic path), every weight dtype, odd row counts, each acceptance test, given initial masks,
+each init method, ties. GPU-marked tests run the CUDA path on CUDA tensors (LLaMA-size case
+included). If the extension is not built the tests skip with the reason, unless
+DSNOT_BUILD_EXT=1 says it must be there.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import dsnot_kernels as dk
+from dsnot_kernels import ext
+from dsnot_kernels.api import build_problem
+from dsnot_kernels.reference import refine_reference
+
+from helpers import DTYPES, assert_same_output, make_layer, reference_output
+
+REASON_CPU = ext.unavailable_reason(torch.device("cpu"))
+if REASON_CPU is not None and os.environ.get("DSNOT_BUILD_EXT") == "1":
+    raise RuntimeError(f"DSNOT_BUILD_EXT=1 but the extension is unusable: {REASON_CPU}")
+pytestmark = pytest.mark.skipif(REASON_CPU is not None, reason=str(REASON_CPU))
+
+# (pattern, rows, in_features): odd row counts, in_features divisible by M
+SHAPES = [("2:4", 33, 240), ("4:8", 7, 240), ("8:16", 33, 240), ("1:4", 7, 240), ("3:4", 33, 240),
+          ("5:24", 7, 240)]
+
+
+def _parity(weight, stats, cfg, initial_mask=None, label=""):
+    problem, expected = reference_output(weight, stats, cfg, initial_mask)
+    actual = ext.refine_ext(problem)
+    assert actual.pruned_mask.dtype == torch.bool and actual.swaps.dtype == torch.int32
+    assert actual.error_after.dtype == torch.float32
+    assert_same_output(expected, actual, label)
+    return expected
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("pattern,rows,cols", SHAPES, ids=[f"O{r}-I{c}-{p}" for p, r, c in SHAPES])
+def test_cpu_matches_reference(pattern, rows, cols, dtype):
+    weight, stats = make_layer(rows, cols, DTYPES[dtype], seed=rows + cols)
+    expected = _parity(weight, stats, dk.RefineConfig(pattern=pattern), label=f"{pattern}-{dtype}")
+    assert expected.swaps.float().mean() > 0, "no swaps: the case would not test the loop"
+
+
+@pytest.mark.parametrize("sign_check", [False, True], ids=["sign-off", "sign-on"])
+def test_sign_check(sign_check):
+    weight, stats = make_layer(33, 256, torch.float16, seed=3)
+    expected = _parity(weight, stats, dk.RefineConfig(pattern="2:4", sign_check=sign_check))
+    assert expected.swaps.float().mean() > 0
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_robust_checks(pattern):
+    """improve_check + moment_check (with the layer's sequence length)."""
+    weight, stats = make_layer(65, 240, torch.bfloat16, seed=4, seq=48)
+    cfg = dk.RefineConfig.robust(pattern=pattern, update_threshold=0.0)
+    expected = _parity(weight, stats, cfg, label=f"robust-{pattern}")
+    assert expected.swaps.float().mean() > 0
+
+
+@pytest.mark.parametrize("cycles,threshold", [(0, 0.1), (1, 0.1), (3, 0.0), (1000, 0.1), (50, 1e9)],
+                         ids=["T0", "T1", "T3-tau0", "T1000", "tau-huge"])
+def test_budget_and_threshold(cycles, threshold):
+    weight, stats = make_layer(9, 64, torch.float32, seed=5)
+    cfg = dk.RefineConfig(pattern="2:4", max_cycle_time=cycles, update_threshold=threshold, sign_check=False)
+    expected = _parity(weight, stats, cfg)
+    assert int(expected.swaps.max()) <= cycles
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "5:24"])
+def test_given_initial_mask(pattern):
+    n, m = dk.parse_pattern(pattern)
+    weight, stats = make_layer(7, 240, torch.float16, seed=6)
+    gen = torch.Generator().manual_seed(6)
+    order = torch.rand(7, 240 // m, m, generator=gen).argsort(-1)   # random N of every M
+    mask = (order < n).reshape(7, 240)
+    expected = _parity(weight, stats, dk.RefineConfig(pattern=pattern), initial_mask=mask)
+    assert expected.swaps.float().mean() > 0
+
+
+@pytest.mark.parametrize("init", ["wanda", "magnitude", "sparsegpt"])
+def test_init_methods(init):
+    weight, stats = make_layer(33, 128, torch.float32, seed=7, hessian=init == "sparsegpt")
+    expected = _parity(weight, stats, dk.RefineConfig(pattern="2:4", init=init), label=init)
+    assert expected.swaps.float().mean() > 0
+
+
+def test_ties_follow_the_stable_sorts():
+    """Weights from four values and S = ±1, V = 1: many equal scores, exact sums."""
+    gen = torch.Generator().manual_seed(8)
+    values = torch.tensor([-0.5, -0.25, 0.25, 0.5])
+    weight = values[torch.randint(0, 4, (17, 64), generator=gen)]
+    sign = torch.where(torch.rand(64, generator=gen) < 0.5, -1.0, 1.0)
+    stats = dk.LayerStats(sum_metric_row=sign, scaler_row=torch.ones(64), var=torch.ones(64))
+    cfg = dk.RefineConfig(pattern="2:4", init="magnitude", sign_check=False, update_threshold=0.0)
+    expected = _parity(weight, stats, cfg, label="ties")
+    assert expected.swaps.float().mean() > 0
+
+
+def test_refine_backend_ext_and_auto():
+    weight, stats = make_layer(33, 128, torch.float16, seed=9)
+    cfg = dk.RefineConfig(pattern="2:4")
+    problem, _ = build_problem(weight, stats, cfg)
+    expected = refine_reference(problem)
+    for backend in ("ext", "auto"):
+        res = dk.refine(weight, stats, cfg, backend=backend)
+        assert res.backend == "ext", f"backend={backend!r} ran {res.backend!r}"
+        assert_same_output(expected, (res.pruned_mask, res.swaps, res.error_before, res.error_after), backend)
+    many = dk.refine_many([weight, weight[:5]], stats, cfg, backend="ext")
+    assert torch.equal(many[0].pruned_mask, expected.pruned_mask)
+    assert torch.equal(many[1].pruned_mask, expected.pruned_mask[:5])
+
+
+def test_unstructured_is_refused_with_the_reason():
+    weight, stats = make_layer(8, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="N:M"):
+        dk.refine(weight, stats, dk.RefineConfig(sparsity=0.5), backend="ext")
+    problem, _ = build_problem(weight, stats, dk.RefineConfig(sparsity=0.5))
+    with pytest.raises(ValueError, match="N:M"):
+        ext.refine_ext(problem)
+    assert dk.refine(weight, stats, dk.RefineConfig(sparsity=0.5)).backend != "ext"
+
+
+def test_binding_checks_name_the_tensor():
+    weight, stats = make_layer(4, 16, torch.float32)
+    problem, _ = build_problem(weight, stats, dk.RefineConfig(pattern="2:4"))
+    args = dict(weight=problem.weight, sum_metric_row=problem.sum_metric_row,
+                sqrt_scaler_row=problem.sqrt_scaler_row, var_pow=problem.var_pow,
+                init_col_scale=problem.init_col_scale, init_score=None, initial_mask=None,
+                prune_n=2, prune_m=4, cycles=5, threshold=0.1, sign_check=True,
+                improve_check=False, moment_check=False, seq_len=1.0)
+    bad = {"var_pow": torch.ones(15), "sum_metric_row": torch.ones(16, dtype=torch.float64),
+           "weight": torch.ones(4, 16, dtype=torch.int32), "initial_mask": torch.ones(4, 16)}
+    for name, value in bad.items():
+        with pytest.raises((ValueError, TypeError), match=name):
+            ext._C.refine_nm(**{**args, name: value})
+    with pytest.raises(ValueError, match="M=3"):
+        ext._C.refine_nm(**{**args, "prune_n": 1, "prune_m": 3})
+
+
+def test_reasons():
+    assert ext.unavailable_reason(torch.device("cpu")) is None
+    reason = ext.unavailable_reason(torch.device("cuda"))
+    assert (reason is None) == ext.has_cuda()
+    if not ext.has_cuda():
+        assert "without CUDA" in reason
+    assert dk.available_backends("cpu", "2:4")["ext"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA path (skipped without a GPU by tests/conftest.py)
+# ---------------------------------------------------------------------------------------------
+CUDA_SHAPES = SHAPES + [("2:4", 1, 4096), ("2:4", 130, 1024)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("pattern,rows,cols", CUDA_SHAPES, ids=[f"O{r}-I{c}-{p}" for p, r, c in CUDA_SHAPES])
+def test_cuda_matches_reference(pattern, rows, cols, dtype):
+    assert ext.unavailable_reason(torch.device("cuda")) is None, ext.unavailable_reason(torch.device("cuda"))
+    weight, stats = make_layer(rows, cols, DTYPES[dtype], seed=rows + cols)
+    weight, stats = weight.cuda(), stats.to("cuda")
+    for cfg in (dk.RefineConfig(pattern=pattern), dk.RefineConfig.robust(pattern=pattern),
+                dk.RefineConfig(pattern=pattern, sign_check=False, max_cycle_time=200)):
+        expected = _parity(weight, stats, cfg, label=f"cuda-{pattern}-{dtype}")
+        assert expected.pruned_mask.is_cuda
+
+
+@pytest.mark.gpu
+def test_cuda_given_mask_sparsegpt_and_ties():
+    weight, stats = make_layer(33, 256, torch.float32, seed=11, hessian=True)
+    weight, stats = weight.cuda(), stats.to("cuda")
+    _parity(weight, stats, dk.RefineConfig(pattern="2:4", init="sparsegpt"), label="cuda-sparsegpt")
+    mask = (torch.rand(33, 64, 4, device="cuda").argsort(-1) < 2).reshape(33, 256)
+    _parity(weight, stats, dk.RefineConfig(pattern="2:4"), initial_mask=mask, label="cuda-mask")
+    values = torch.tensor([-0.5, -0.25, 0.25, 0.5], device="cuda")
+    tied = values[torch.randint(0, 4, (65, 512), device="cuda")]
+    sign = torch.where(torch.rand(512, device="cuda") < 0.5, -1.0, 1.0)
+    tie_stats = dk.LayerStats(sum_metric_row=sign, scaler_row=torch.ones_like(sign), var=torch.ones_like(sign))
+    cfg = dk.RefineConfig(pattern="2:4", init="magnitude", sign_check=False, update_threshold=0.0)
+    _parity(tied, tie_stats, cfg, label="cuda-ties")
+
+
+@pytest.mark.gpu
+def test_cuda_llama_size_fp16_2_4():
+    """A LLaMA-7B attention projection: 4096 x 4096 fp16, 2:4; CUDA ext == reference == CPU ext."""
+    weight, stats = make_layer(4096, 4096, torch.float16, seed=12)
+    cfg = dk.RefineConfig(pattern="2:4")
+    on_gpu = _parity(weight.cuda(), stats.to("cuda"), cfg, label="cuda-4096")
+    cpu = dk.refine(weight, stats, cfg, backend="ext")
+    assert torch.equal(cpu.pruned_mask, on_gpu.pruned_mask.cpu())
+    assert torch.equal(cpu.swaps, on_gpu.swaps.cpu())
