@@ -1,0 +1,103 @@
+"""``dsnot-prune``: prune a transformers causal LM layer by layer with DSnoT and evaluate it.
+
+    dsnot-prune --model smollm2 --sparsity 0.6                     # Wanda + DSnoT, packaged model/text
+    dsnot-prune --model smollm2 --sparsity 0.6 --no-refine         # the Wanda baseline
+    dsnot-prune --model ./my-llama --pattern 2:4 --init sparsegpt --save ./pruned --report r.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .data import DATASETS
+from .models import DriverError
+from .pipeline import DEFAULT_PRESET, PruneArgs, run, summary
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PruneArgs()
+    p = argparse.ArgumentParser(prog="dsnot-prune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model,
+                   help="'smollm2' (the packaged SmolLM2-135M-Instruct), a local Hugging Face directory, or a hub id")
+    g.add_argument("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"),
+                   help="weights/activations dtype; auto = float16 on CUDA, float32 on CPU")
+    g.add_argument("--device", default=d.device, help="compute device (default: cuda if available, else cpu); "
+                   "layers stay on the CPU and visit it one at a time")
+
+    g = p.add_argument_group("pruning")
+    g.add_argument("--sparsity", type=_unit_float, default=d.sparsity,
+                   help="fraction pruned per row (unstructured; N:M fixes its own)")
+    g.add_argument("--pattern", default=d.pattern, help="'unstructured' or N:M (N pruned of every M), e.g. 2:4")
+    g.add_argument("--init", default=d.init, choices=("wanda", "magnitude", "sparsegpt"), help="initial mask")
+    g.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="keep the initial masks (the baseline without DSnoT)")
+    g.add_argument("--preset", default=DEFAULT_PRESET, choices=("original", "robust"),
+                   help="DSnoT settings: the published ones, or swaps that must also lower |e| and the "
+                        "squared-error estimate")
+    g.add_argument("--max-cycle-time", type=int, default=None, help="cycles per row T (preset: 50)")
+    g.add_argument("--update-threshold", type=float, default=None, help="stop a row once |e| <= tau (preset: 0.1)")
+    g.add_argument("--pow-of-var-regrowing", type=float, default=None, help="p in G = D / V^p (preset: 1)")
+    g.add_argument("--sign-check", dest="sign_check", action="store_true", default=None,
+                   help="stop a row at a swap that flips its error's sign (default: on for N:M, off for unstructured)")
+    g.add_argument("--no-sign-check", dest="sign_check", action="store_false")
+    g.add_argument("--skip", default=d.skip,
+                   help="sublayers that keep their initial mask: 'mlp' (the original's default), 'attn', 'none', "
+                        "or comma-separated name parts (e.g. 'mlp,o_proj')")
+    g.add_argument("--backend", default=d.backend, help="dsnot_kernels backend: auto, torch, triton, ext, reference")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, choices=DATASETS,
+                   help="news = the packaged news corpus (disjoint calibration/evaluation articles); "
+                        "wikitext2/c4 need the 'datasets' package and the hub")
+    g.add_argument("--calib-text", default=None, help="calibration text file (overrides --dataset)")
+    g.add_argument("--eval-text", default=None, help="evaluation text file (overrides --dataset); "
+                   "the same file as --calib-text is split in two halves")
+    g.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration samples")
+    g.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration sample and per evaluation window")
+    g.add_argument("--seed", type=int, default=d.seed, help="calibration sampling seed")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per forward batch")
+    g.add_argument("--eval-windows", type=int, default=None, help="evaluate on at most this many windows (default: all)")
+    g.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity evaluation")
+    g.add_argument("--eval-dense", action="store_true", help="also measure the dense model's perplexity first")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--report", default=None, help="write the JSON report here")
+    g.add_argument("--save", default=None, help="save the pruned model (safetensors) + report to this new directory")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="print only the summary")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> PruneArgs:
+    ns = build_parser().parse_args(argv)
+    return PruneArgs(**vars(ns))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except DriverError as exc:
+        print(f"dsnot-prune: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    if args.report:
+        print(f"report: {args.report}")
+    if args.save:
+        print(f"saved: {report['saved_to']}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""The layer-wise driver (python/dsnot_prune) on tiny random models: no download, CPU, seconds.
+
+Each tiny model is a randomly initialised Llama / Qwen2 / Gemma3 / OPT made here from a config
+(2-3 layers, width 64), with a byte-level BPE tokenizer trained here on a generated text.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+import dsnot_kernels as dk  # noqa: E402
+from dsnot_prune import cli  # noqa: E402
+from dsnot_prune.layerwise import capture, head_logits_nll, propagate  # noqa: E402
+from dsnot_prune.models import DriverError, find_decoder_layers, find_linears, is_skipped, sublayer_kind  # noqa: E402
+from dsnot_prune.pipeline import PruneArgs, run  # noqa: E402
+
+VOCAB = 320
+WORDS = ("the a of to in and model layer weight mask prune sparse error row column swap grow "
+         "calibration token news market river city people said year government police fire").split()
+
+
+def _config(kind: str):
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4)
+    if kind == "llama":
+        return transformers.LlamaForCausalLM, transformers.LlamaConfig(
+            **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2)
+    if kind == "qwen2":
+        return transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+            **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2)
+    if kind == "gemma3":   # sliding + global layers: different masks and rotary tables per layer
+        return transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+            **common, intermediate_size=128, num_hidden_layers=3, num_key_value_heads=2, head_dim=16,
+            sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    if kind == "opt":
+        return transformers.OPTForCausalLM, transformers.OPTConfig(
+            **common, ffn_dim=128, num_hidden_layers=2, word_embed_proj_dim=64, max_position_embeddings=256)
+    if kind == "qwen3":
+        return transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
+            **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2, head_dim=16)
+    if kind == "mistral":
+        return transformers.MistralForCausalLM, transformers.MistralConfig(
+            **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2, sliding_window=8)
+    if kind == "gemma2":
+        return transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
+            **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
+            sliding_window=8)
+    if kind == "phi3":   # fused qkv_proj and gate_up_proj
+        return transformers.Phi3ForCausalLM, transformers.Phi3Config(
+            **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2, pad_token_id=0)
+    if kind == "gpt_neox":
+        return transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig(
+            **common, intermediate_size=128, num_hidden_layers=2)
+    raise ValueError(kind)
+
+
+def make_model(kind: str, dtype=torch.float32, seed: int = 0):
+    cls, config = _config(kind)
+    torch.manual_seed(seed)
+    # from_config(dtype=...) keeps float32 rotary buffers, like from_pretrained(dtype=...) does
+    return cls._from_config(config, dtype=dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + "."
+             for _ in range(400)]
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(text_file):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"], show_progress=False)
+    tok.train([text_file], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    fast.model_max_length = int(1e12)
+    assert len(fast) <= VOCAB
+    return fast
+
+
+def _args(text_file, **kw) -> PruneArgs:
+    base = dict(model="tiny", calib_text=text_file, eval_text=text_file, nsamples=6, seqlen=32, batch_size=4,
+                eval_windows=4, device="cpu", backend="torch", progress=False, quiet=True)
+    base.update(kw)
+    return PruneArgs(**base)
+
+
+def _decoder_linears(model):
+    name, layers = find_decoder_layers(model)
+    return {f"{name}.{i}.{n}": lin for i, layer in enumerate(layers) for n, lin in find_linears(layer).items()}
+
+
+def _check_sparsity(model, pattern: str, sparsity: float):
+    """Every decoder linear: exactly the requested pruned count per row / N per group of M."""
+    n, m = dk.parse_pattern(pattern)
+    linears = _decoder_linears(model)
+    assert linears
+    for name, lin in linears.items():
+        zero = lin.weight.detach() == 0
+        rows, cols = zero.shape
+        if m:
+            per_group = zero.reshape(rows, cols // m, m).sum(-1)
+            assert bool((per_group >= n).all()), f"{name}: a group of {m} has fewer than {n} zeros"
+            assert int(zero.sum()) == rows * cols // m * n, f"{name}: {int(zero.sum())} zeros"
+        else:
+            k = math.floor(cols * sparsity + 1e-9)
+            assert bool((zero.sum(1) == k).all()), f"{name}: rows with != {k} zeros: {zero.sum(1).tolist()}"
+
+
+def _logits(model, tokenizer, text_file):
+    ids = tokenizer(open(text_file).read()[:2000], return_tensors="pt").input_ids[:, :64]
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+# --------------------------------------------------------------------------------------------
+# layer-wise execution equals the whole model
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "opt", "qwen3", "mistral", "gemma2", "phi3", "gpt_neox"])
+def test_layerwise_forward_equals_model_forward(kind):
+    """Capture + layer-by-layer propagation + the model's own head give the model's logits."""
+    model = make_model(kind)
+    ids = torch.randint(0, VOCAB, (5, 24), generator=torch.Generator().manual_seed(1))
+    batches = list(torch.split(ids, 2))
+    with torch.no_grad():
+        want = []
+        for batch in batches:
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            want += torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:],
+                                                      reduction="none").mean(1).tolist()
+    _, layers = find_decoder_layers(model)
+    cap = capture(model, layers, batches, torch.device("cpu"))
+    propagate(layers, cap, torch.device("cpu"))
+    got = head_logits_nll(model, layers, batches, cap, torch.device("cpu"))
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+def test_layer_and_sublayer_discovery():
+    model = make_model("opt")
+    name, layers = find_decoder_layers(model)
+    assert name == "model.decoder.layers" and len(layers) == 2
+    subs = set(find_linears(layers[0]))
+    assert subs == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"}
+    assert {n: sublayer_kind(n) for n in ("fc1", "self_attn.out_proj", "mlp.gate_proj")} == \
+        {"fc1": "mlp", "self_attn.out_proj": "attn", "mlp.gate_proj": "mlp"}
+    assert is_skipped("mlp.up_proj", ["mlp"]) and not is_skipped("self_attn.q_proj", ["mlp"])
+    assert is_skipped("self_attn.o_proj", ["mlp", "o_proj"])
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline on each architecture
+# --------------------------------------------------------------------------------------------
+CASES = [
+    pytest.param("llama", "unstructured", "wanda", torch.float32, id="llama-unstructured-wanda-fp32"),
+    pytest.param("llama", "2:4", "wanda", torch.float32, id="llama-2:4-wanda-fp32"),
+    pytest.param("llama", "unstructured", "magnitude", torch.bfloat16, id="llama-unstructured-magnitude-bf16"),
+    pytest.param("llama", "2:4", "sparsegpt", torch.float32, id="llama-2:4-sparsegpt-fp32"),
+    pytest.param("qwen2", "unstructured", "wanda", torch.float32, id="qwen2-unstructured-wanda-fp32"),
+    pytest.param("qwen2", "2:4", "wanda", torch.float16, id="qwen2-2:4-wanda-fp16"),
+    pytest.param("gemma3", "unstructured", "wanda", torch.float32, id="gemma3-unstructured-wanda-fp32"),
+    pytest.param("gemma3", "2:4", "wanda", torch.float32, id="gemma3-2:4-wanda-fp32"),
+    pytest.param("opt", "unstructured", "wanda", torch.float32, id="opt-unstructured-wanda-fp32"),
+    pytest.param("opt", "2:4", "magnitude", torch.float32, id="opt-2:4-magnitude-fp32"),
+    pytest.param("phi3", "unstructured", "wanda", torch.float32, id="phi3-unstructured-wanda-fp32"),
+    pytest.param("gpt_neox", "2:4", "wanda", torch.float32, id="gpt_neox-2:4-wanda-fp32"),
+]
+
+
+@pytest.mark.parametrize("kind,pattern,init,dtype", CASES)
+def test_pipeline_prunes_saves_and_reloads(kind, pattern, init, dtype, text_file, tokenizer, tmp_path):
+    model = make_model(kind, dtype)
+    sparsity = 0.6
+    out = tmp_path / "pruned"
+    args = _args(text_file, pattern=pattern, init=init, sparsity=sparsity, save=str(out),
+                 report=str(tmp_path / "report.json"), dtype={torch.float32: "float32", torch.float16: "float16",
+                                                              torch.bfloat16: "bfloat16"}[dtype])
+    report = run(args, model=model, tokenizer=tokenizer)
+
+    _check_sparsity(model, pattern, sparsity)
+    expected = 0.5 if pattern == "2:4" else None
+    if expected is not None:
+        assert report["sparsity"] == pytest.approx(expected, abs=1e-9)
+    for key in ("ppl", "sparsity", "sublayers", "timings", "refined_sublayers"):
+        assert key in report, key
+    assert math.isfinite(report["ppl"]) and report["ppl"] > 1
+    for stage in ("load", "calibration", "statistics", "initial_masks", "refine", "propagation", "evaluation", "total"):
+        assert report["timings"][stage] >= 0, stage
+    # default skip policy: attention refined, MLP kept its initial mask
+    entries = report["sublayers"]
+    assert len(entries) == len(_decoder_linears(model))
+    assert {e["kind"] for e in entries if e["refined"]} == {"attn"}
+    assert {e["kind"] for e in entries if not e["refined"]} == {"mlp"}
+    assert all(e["mean_swaps"] == 0 for e in entries if not e["refined"])
+    for e in entries:
+        for key in ("name", "shape", "sparsity", "refined", "mean_swaps", "mean_abs_error_before",
+                    "mean_abs_error_after", "seconds"):
+            assert key in e, key
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["ppl"] == report["ppl"]
+
+    # the saved model reloads with plain transformers and computes the same logits
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype).eval()
+    torch.testing.assert_close(_logits(reloaded, tokenizer, text_file), _logits(model, tokenizer, text_file),
+                               rtol=0, atol=0)
+    _check_sparsity(reloaded, pattern, sparsity)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_dsnot_swaps_and_lowers_error(text_file, tokenizer):
+    """Unstructured Wanda + DSnoT with every sublayer refined: swaps happen, |e| goes down."""
+    report = run(_args(text_file, skip="none"), model=make_model("llama"), tokenizer=tokenizer)
+    assert report["unrefined_sublayers"] == []
+    refined = [e for e in report["sublayers"] if e["refined"]]
+    assert len(refined) == len(report["sublayers"])
+    assert sum(e["mean_swaps"] for e in refined) > 0
+    groups = {e["sublayer"]: e["group"] for e in report["sublayers"] if e["layer"] == 0}
+    # one StatsAccumulator per distinct input: q/k/v share one, gate/up share one
+    assert groups["self_attn.q_proj"] == groups["self_attn.k_proj"] == groups["self_attn.v_proj"]
+    assert groups["mlp.gate_proj"] == groups["mlp.up_proj"]
+    assert len({groups["self_attn.q_proj"], groups["self_attn.o_proj"], groups["mlp.gate_proj"],
+                groups["mlp.down_proj"]}) == 4
+    before = sum(e["mean_abs_error_before"] for e in refined)
+    after = sum(e["mean_abs_error_after"] for e in refined)
+    assert after < before
+
+
+def test_no_refine_is_the_initial_mask(text_file, tokenizer):
+    report = run(_args(text_file, refine=False), model=make_model("qwen2"), tokenizer=tokenizer)
+    assert report["refined_sublayers"] == [] and report["config"]["refine"] is False
+    assert report["timings"]["refine"] == 0.0
+    assert all(e["mean_swaps"] == 0 and e["mean_abs_error_before"] == e["mean_abs_error_after"]
+               for e in report["sublayers"])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_driver_equals_naive_whole_model_pruning(kind, text_file, tokenizer):
+    """SPEC §6 done the slow obvious way (whole-model forwards, hooks on layer i, layers < i pruned)
+    gives exactly the driver's masks."""
+    args = _args(text_file, skip="mlp", sparsity=0.5, eval=False)
+    driven = make_model(kind)
+    run(args, model=driven, tokenizer=tokenizer)
+
+    from dsnot_prune import data
+    naive = make_model(kind)
+    plan = data.plan_text("news", text_file, text_file)
+    samples = data.calibration_tokens(plan, tokenizer, args.nsamples, args.seqlen, args.seed, log=lambda m: None)
+    cfg = args.refine_config()
+    _, layers = find_decoder_layers(naive)
+    for layer in layers:
+        linears = find_linears(layer)
+        accs, seen = {}, {}
+
+        def hook(name):
+            def fn(module, inp):
+                accs.setdefault(name, dk.StatsAccumulator(inp[0].shape[-1])).update(inp[0])
+            return fn
+        handles = [lin.register_forward_pre_hook(hook(n)) for n, lin in linears.items()]
+        with torch.no_grad():
+            for batch in torch.split(samples, args.batch_size):
+                naive(input_ids=batch, use_cache=False)
+        for h in handles:
+            h.remove()
+        for name, lin in linears.items():
+            layer_cfg = cfg if not is_skipped(name, ["mlp"]) else dk.RefineConfig(**{**cfg.__dict__, "max_cycle_time": 0})
+            dk.apply_mask_(lin, dk.refine(lin, accs[name].finalize(), layer_cfg, backend="torch"))
+    want, got = _decoder_linears(naive), _decoder_linears(driven)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name].weight == 0, got[name].weight == 0), f"{name}: masks differ"
+
+
+def test_cli_on_a_local_model_directory(text_file, tokenizer, tmp_path, capsys):
+    src = tmp_path / "tiny-llama"
+    make_model("llama").save_pretrained(str(src))
+    tokenizer.save_pretrained(str(src))
+    rc = cli.main(["--model", str(src), "--calib-text", text_file, "--eval-text", text_file,
+                   "--nsamples", "4", "--seqlen", "32",
+                   "--eval-windows", "2", "--eval-dense", "--device", "cpu", "--backend", "torch", "--sparsity", "0.5",
+                   "--report", str(tmp_path / "r.json"), "--no-progress", "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "sparsity 0.5000" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["model_source"] == "local" and "ppl_dense" in report and report["sparsity"] == pytest.approx(0.5)
+    assert report["data"]["calibration"] == report["data"]["evaluation"] == f"file:{text_file}"
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: clear errors, nothing half-written
+# --------------------------------------------------------------------------------------------
+def _fails(argv, capsys, match):
+    rc = cli.main(argv + ["--no-progress", "--quiet", "--device", "cpu", "--backend", "torch"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "dsnot-prune: error:" in err and match in err, err
+    return err
+
+
+def test_unknown_model(capsys, tmp_path, text_file):
+    out = tmp_path / "out"
+    _fails(["--model", str(tmp_path / "no-such-dir"), "--calib-text", text_file, "--eval-text", text_file,
+            "--save", str(out), "--report", str(tmp_path / "r.json")], capsys, "no such directory")
+    _fails(["--model", "no-such-org/no-such-model-xyz", "--calib-text", text_file, "--eval-text", text_file,
+            "--save", str(out)], capsys, "no-such-org/no-such-model-xyz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_pattern_that_does_not_divide_a_width(capsys, tmp_path, text_file, tokenizer):
+    src = tmp_path / "tiny"
+    make_model("llama").save_pretrained(str(src))
+    tokenizer.save_pretrained(str(src))
+    out, rep = tmp_path / "out", tmp_path / "r.json"
+    err = _fails(["--model", str(src), "--pattern", "2:3", "--calib-text", text_file, "--eval-text", text_file,
+                  "--save", str(out), "--report", str(rep)], capsys, "M=3 does not divide in_features=64")
+    assert "self_attn.q_proj" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "binary", "empty"])
+def test_unreadable_text_file(case, capsys, tmp_path):
+    path = tmp_path / "text.txt"
+    if case == "directory":
+        path.mkdir()
+    elif case == "binary":
+        path.write_bytes(b"\xff\xfe\x00\x81" * 100)
+    elif case == "empty":
+        path.write_text("  \n")
+    match = {"missing": "no such file", "directory": "is a directory", "binary": "not UTF-8",
+             "empty": "is empty"}[case]
+    _fails(["--model", "smollm2", "--calib-text", str(path), "--save", str(tmp_path / "out")], capsys, match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_into_non_empty_directory(capsys, tmp_path, text_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    _fails(["--model", "smollm2", "--calib-text", text_file, "--eval-text", text_file, "--save", str(out)],
+           capsys, "not an empty directory")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+    (["--pattern", "4:2"], "need 1 <= N < M"),
+    (["--skip", ""], "--skip must not be empty"),
+    (["--dataset", "wikitext2", "--no-eval", "--nsamples", "1"], "datasets"),
+], ids=["sparsity", "pattern", "skip", "dataset-without-datasets"])
+def test_bad_options(argv, match, capsys, tmp_path, text_file, tokenizer, monkeypatch):
+    if "wikitext2" in argv:
+        try:
+            import datasets  # noqa: F401
+            pytest.skip("the datasets package is installed here")
+        except ImportError:
+            pass
+        src = tmp_path / "tiny"
+        make_model("llama").save_pretrained(str(src))
+        tokenizer.save_pretrained(str(src))
+        argv = argv + ["--model", str(src)]
+    _fails(argv, capsys, match)
+
+
+# --------------------------------------------------------------------------------------------
+# calibration sampling and evaluation windows
+# --------------------------------------------------------------------------------------------
+def test_stream_sampling_matches_the_original_formula():
+    from dsnot_prune.data import _stream_samples
+    ids = torch.arange(1000)
+    got = _stream_samples(ids, nsamples=5, seqlen=16, seed=3, what="t")
+    random.seed(3)   # the original: random.seed(seed); i = random.randint(0, n - seqlen - 1)
+    starts = [random.randint(0, 1000 - 16 - 1) for _ in range(5)]
+    assert torch.equal(got, torch.stack([ids[i:i + 16] for i in starts]))
+    assert not torch.equal(got, _stream_samples(ids, 5, 16, seed=4, what="t"))
+
+
+def test_evaluation_windows_and_disjoint_halves(text_file, tokenizer):
+    from dsnot_prune import data
+    plan = data.plan_text("news", text_file, text_file)
+    calib = data._source_texts(plan.calib, plan, "calib", log=None)
+    evals = data._source_texts(plan.eval, plan, "eval", log=None)
+    lines = open(text_file).read().splitlines()
+    assert calib.splitlines() == lines[:200] and evals.splitlines() == lines[200:]
+    windows = data.evaluation_windows(plan, tokenizer, 32, None, log=None)
+    ids = tokenizer(evals, return_tensors="pt").input_ids[0]
+    assert windows.shape == (ids.numel() // 32, 32)               # remainder dropped
+    assert torch.equal(windows.reshape(-1), ids[: windows.numel()])
+    assert data.evaluation_windows(plan, tokenizer, 32, 3, log=None).shape == (3, 32)
+    with pytest.raises(DriverError, match="not one window"):
+        data.evaluation_windows(plan, tokenizer, 10 ** 6, None, log=None)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA): the driver on the device, fast backends equal the torch backend
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_pipeline_on_cuda_backends_agree(pattern, text_file, tokenizer):
+    masks = {}
+    for backend in ["torch"] + [b for b, ok in dk.available_backends("cuda", pattern).items()
+                                if ok is True and b not in ("torch", "reference")]:
+        model = make_model("llama", torch.float16)
+        report = run(_args(text_file, pattern=pattern, device="cuda", backend=backend, dtype="float16",
+                           skip="none", eval=False), model=model, tokenizer=tokenizer)
+        assert report["backends"] == [backend]
+        _check_sparsity(model, pattern, 0.5)
+        masks[backend] = {n: lin.weight == 0 for n, lin in _decoder_linears(model).items()}
+    for backend, got in masks.items():
+        for name in got:
+            assert torch.equal(got[name], masks["torch"][name]), f"{backend} vs torch: {name}"
