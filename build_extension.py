@@ -31,7 +31,7 @@ from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/binding.cpp", f"{CSRC}/nm_refine_cpu.cpp"]
+CPU_SOURCES = [f"{CSRC}/binding.cpp", f"{CSRC}/nm_refine_cpu.cpp", f"{CSRC}/unstructured_refine_cpu.cpp"]
 CUDA_SOURCES = [f"{CSRC}/nm_refine_cuda.cu"]
 EXT_NAME = "dsnot_kernels._C"
 MODES = ("auto", "0", "1")

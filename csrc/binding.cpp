@@ -49,30 +49,39 @@ void check_matrix(const torch::Tensor& t, const char* name, const torch::Tensor&
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
-// refine_nm(weight [out, in], S [in], sqrt(Q) [in], V^p [in], init_col_scale [in]?, init_score
-// [out, in]?, initial_mask [out, in] bool?, N, M, cycles, threshold, sign_check, improve_check,
-// moment_check, seq_len) -> (pruned_mask bool [out, in], swaps int32 [out],
-// error_before float32 [out], error_after float32 [out])
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> refine_nm(
+// The shared body of refine_nm / refine_unstructured: prune_m = 0 means unstructured with
+// pruned_per_row pruned weights per row.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> refine_any(
     const torch::Tensor& weight, const torch::Tensor& sum_metric_row, const torch::Tensor& sqrt_scaler_row,
     const torch::Tensor& var_pow, const std::optional<torch::Tensor>& init_col_scale,
     const std::optional<torch::Tensor>& init_score, const std::optional<torch::Tensor>& initial_mask,
-    int64_t prune_n, int64_t prune_m, int64_t cycles, double threshold, bool sign_check,
-    bool improve_check, bool moment_check, double seq_len) {
+    int64_t prune_n, int64_t prune_m, int64_t pruned_per_row, int64_t cycles, double threshold,
+    bool sign_check, bool improve_check, bool moment_check, double seq_len) {
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D [out, in], got shape ", weight.sizes());
   TORCH_CHECK_VALUE(weight.is_contiguous(), "weight must be contiguous");
   const int32_t dtype = dtype_tag(weight);
-  TORCH_CHECK_VALUE(1 <= prune_n && prune_n < prune_m && prune_m <= (1 << 20),
-                    "prune_n/prune_m must satisfy 1 <= N < M, got ", prune_n, ":", prune_m);
-  TORCH_CHECK_VALUE(weight.size(1) % prune_m == 0, "weight's in_features (", weight.size(1),
-                    ") must be a multiple of M=", prune_m);
+  const bool unstructured = prune_m == 0;
+  if (unstructured) {
+    TORCH_CHECK_VALUE(0 <= pruned_per_row && pruned_per_row <= weight.size(1),
+                      "pruned_per_row must be in [0, in_features=", weight.size(1), "], got ", pruned_per_row);
+  } else {
+    TORCH_CHECK_VALUE(1 <= prune_n && prune_n < prune_m && prune_m <= (1 << 20),
+                      "prune_n/prune_m must satisfy 1 <= N < M, got ", prune_n, ":", prune_m);
+    TORCH_CHECK_VALUE(weight.size(1) % prune_m == 0, "weight's in_features (", weight.size(1),
+                      ") must be a multiple of M=", prune_m);
+  }
   TORCH_CHECK_VALUE(0 <= cycles && cycles <= INT32_MAX, "cycles must be in [0, 2^31), got ", cycles);
   TORCH_CHECK_VALUE(threshold >= 0, "threshold must be >= 0, got ", threshold);
   check_column_vector(sum_metric_row, "sum_metric_row", weight);
   check_column_vector(sqrt_scaler_row, "sqrt_scaler_row", weight);
   check_column_vector(var_pow, "var_pow", weight);
-  TORCH_CHECK_VALUE(init_col_scale.has_value() != init_score.has_value(),
-                    "give exactly one of init_col_scale and init_score");
+  if (unstructured && initial_mask.has_value()) {  // the score is only needed to build the mask
+    TORCH_CHECK_VALUE(!(init_col_scale.has_value() && init_score.has_value()),
+                      "give at most one of init_col_scale and init_score");
+  } else {
+    TORCH_CHECK_VALUE(init_col_scale.has_value() != init_score.has_value(),
+                      "give exactly one of init_col_scale and init_score");
+  }
   if (init_col_scale) check_column_vector(*init_col_scale, "init_col_scale", weight);
   if (init_score) check_matrix(*init_score, "init_score", weight, torch::kFloat32);
   if (initial_mask) check_matrix(*initial_mask, "initial_mask", weight, torch::kBool);
@@ -102,6 +111,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> refine_nm
   p.improve_check = improve_check;
   p.moment_check = moment_check;
   p.seq_len = seq_len;
+  p.pruned_per_row = unstructured ? pruned_per_row : 0;
   dsnot_nm_output o{};
   o.pruned_mask = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
   o.swaps = swaps.data_ptr<int32_t>();
@@ -125,19 +135,56 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> refine_nm
   } else {
     TORCH_CHECK(false, "weight must be on a CPU or CUDA device, got ", weight.device());
   }
-  TORCH_CHECK(status == DSNOT_OK, "dsnot_kernels._C refine_nm failed: ", dsnot_status_string(status));
+  TORCH_CHECK(status == DSNOT_OK, "dsnot_kernels._C refine failed: ", dsnot_status_string(status));
   return {mask, swaps, error_before, error_after};
+}
+
+// refine_nm(weight [out, in], S [in], sqrt(Q) [in], V^p [in], init_col_scale [in]?, init_score
+// [out, in]?, initial_mask [out, in] bool?, N, M, cycles, threshold, sign_check, improve_check,
+// moment_check, seq_len) -> (pruned_mask bool [out, in], swaps int32 [out],
+// error_before float32 [out], error_after float32 [out])
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> refine_nm(
+    const torch::Tensor& weight, const torch::Tensor& sum_metric_row, const torch::Tensor& sqrt_scaler_row,
+    const torch::Tensor& var_pow, const std::optional<torch::Tensor>& init_col_scale,
+    const std::optional<torch::Tensor>& init_score, const std::optional<torch::Tensor>& initial_mask,
+    int64_t prune_n, int64_t prune_m, int64_t cycles, double threshold, bool sign_check,
+    bool improve_check, bool moment_check, double seq_len) {
+  TORCH_CHECK_VALUE(prune_m >= 1, "prune_m must be >= 1 for an N:M pattern, got ", prune_m);
+  return refine_any(weight, sum_metric_row, sqrt_scaler_row, var_pow, init_col_scale, init_score,
+                    initial_mask, prune_n, prune_m, 0, cycles, threshold, sign_check, improve_check,
+                    moment_check, seq_len);
+}
+
+// refine_unstructured(...same tensors..., pruned_per_row k, cycles, threshold, sign_check,
+// improve_check, moment_check, seq_len) -> the same four outputs (SPEC §4).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> refine_unstructured(
+    const torch::Tensor& weight, const torch::Tensor& sum_metric_row, const torch::Tensor& sqrt_scaler_row,
+    const torch::Tensor& var_pow, const std::optional<torch::Tensor>& init_col_scale,
+    const std::optional<torch::Tensor>& init_score, const std::optional<torch::Tensor>& initial_mask,
+    int64_t pruned_per_row, int64_t cycles, double threshold, bool sign_check, bool improve_check,
+    bool moment_check, double seq_len) {
+  return refine_any(weight, sum_metric_row, sqrt_scaler_row, var_pow, init_col_scale, init_score,
+                    initial_mask, 0, 0, pruned_per_row, cycles, threshold, sign_check, improve_check,
+                    moment_check, seq_len);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dsnot_kernels._C: compiled N:M DSnoT mask swaps (C++ CPU path, optional CUDA path)";
+  m.doc() = "dsnot_kernels._C: compiled DSnoT mask swaps (N:M and unstructured) (C++ CPU path, optional CUDA path)";
   m.def("refine_nm", &refine_nm, "SPEC §2-§5 for an N:M pattern; see csrc/dsnot_nm.h",
         pybind11::arg("weight"), pybind11::arg("sum_metric_row"), pybind11::arg("sqrt_scaler_row"),
         pybind11::arg("var_pow"), pybind11::arg("init_col_scale"), pybind11::arg("init_score"),
         pybind11::arg("initial_mask"), pybind11::arg("prune_n"), pybind11::arg("prune_m"),
         pybind11::arg("cycles"), pybind11::arg("threshold"), pybind11::arg("sign_check"),
         pybind11::arg("improve_check"), pybind11::arg("moment_check"), pybind11::arg("seq_len"));
+  m.def("refine_unstructured", &refine_unstructured, "SPEC §2-§4 for unstructured sparsity; see csrc/dsnot_nm.h",
+        pybind11::arg("weight"), pybind11::arg("sum_metric_row"), pybind11::arg("sqrt_scaler_row"),
+        pybind11::arg("var_pow"), pybind11::arg("init_col_scale"), pybind11::arg("init_score"),
+        pybind11::arg("initial_mask"), pybind11::arg("pruned_per_row"), pybind11::arg("cycles"),
+        pybind11::arg("threshold"), pybind11::arg("sign_check"), pybind11::arg("improve_check"),
+        pybind11::arg("moment_check"), pybind11::arg("seq_len"));
+  m.def("has_cuda_unstructured", []() { return dsnot_has_cuda_unstructured() != 0; },
+        "True if built with the CUDA path for unstructured problems");
   m.def("has_cuda", []() { return dsnot_nm_has_cuda() != 0; }, "True if built with the CUDA path");
 }

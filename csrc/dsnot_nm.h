@@ -1,20 +1,26 @@
-// dsnot_nm.h: the torch-free C API of the compiled N:M mask-swap core (SPEC §2, §3, §5).
+// dsnot_nm.h: the torch-free C API of the compiled mask-swap core (SPEC §2-§5): N:M patterns
+// and (prune_m = prune_n = 0) unstructured sparsity. The "nm" in the names is historical.
 //
-// Everything here takes raw pointers and sizes; nothing includes torch. The CPU path
-// (nm_refine_cpu.cpp) and the CUDA path (nm_refine_cuda.cu) compute bit-for-bit the same
-// result as dsnot_kernels/reference.py on tie-free inputs:
+// Everything here takes raw pointers and sizes; nothing includes torch. The CPU paths
+// (nm_refine_cpu.cpp, unstructured_refine_cpu.cpp) and the CUDA paths (nm_refine_cuda.cu,
+// unstructured_refine_cuda.cu) compute bit-for-bit the same result as
+// dsnot_kernels/reference.py on tie-free inputs:
 //
 //   w      = float32(W[r, j])                     exact conversion from fp32/fp16/bf16 bits
 //   D[j]   = w * S[j]                             float32
 //   G[j]   = D[j] / var_pow[j]                    float32, IEEE round-to-nearest division
 //   A[j]   = |w| * sqrt_scaler_row[j]             float32
 //   s0[j]  = |w| * init_col_scale[j]  or  init_score[r, j]      initial score, low = pruned first
-//   mask   = N lowest s0 of every M columns (ties: lower column)  unless initial_mask is given
+//   mask   = N lowest s0 of every M columns (N:M) or the k = pruned_per_row lowest s0 of the
+//            row (unstructured), ties: lower column first, unless initial_mask is given
 //   e      = sum over pruned j of (double)D[j]    float64
 //   grow+  = pruned j with G > 0, G descending (ties: higher column first)   top T only
 //   grow-  = pruned j with G < 0, G ascending  (ties: lower column first)    top T only
-//   up to T cycles of SPEC §5 with the group-local partner (initially kept, not yet pruned,
-//   lowest s0, ties lower column) and the acceptance tests sign / improve / moment.
+//   N:M: up to T cycles of SPEC §5 with the group-local partner (initially kept, not yet
+//   pruned, lowest s0, ties lower column);
+//   unstructured: prune- = kept j with D < 0, prune+ = kept j with D > 0, both A ascending
+//   (ties: lower column first), top T only, and up to T cycles of SPEC §4;
+//   each swap must pass the acceptance tests sign / improve / moment.
 //
 // Shapes: weight, init_score, initial_mask, pruned_mask are [rows, cols] row-major contiguous;
 // per-column vectors are [cols] float32; swaps / errors are [rows].
@@ -46,9 +52,11 @@ enum dsnot_status {
   DSNOT_CUDA_ERROR = 3,     // a kernel launch failed (see cudaGetLastError)
   DSNOT_NO_CUDA = 4,        // the core was built without CUDA
   DSNOT_WORKSPACE = 5,      // the CUDA workspace is smaller than dsnot_nm_cuda_workspace_bytes
+  DSNOT_UNSUPPORTED = 6,    // this path does not implement the problem's pattern
 };
 
-// One N:M refinement problem (inputs). Nullable pointers are marked.
+// One refinement problem (inputs). Nullable pointers are marked. prune_n = prune_m = 0 means
+// unstructured with pruned_per_row pruned weights per row.
 typedef struct dsnot_nm_problem {
   const void* weight;            // [rows, cols] in `dtype`
   int32_t dtype;                 // enum dsnot_dtype
@@ -58,9 +66,10 @@ typedef struct dsnot_nm_problem {
   const float* sqrt_scaler_row;  // [cols] sqrt(Q)
   const float* var_pow;          // [cols] max(V, tiny)^p
   const float* init_col_scale;   // [cols] or NULL: initial score = |w| * init_col_scale
-  const float* init_score;       // [rows, cols] or NULL: initial score given (one of the two)
+  const float* init_score;       // [rows, cols] or NULL: initial score given (one of the two;
+                                 // both NULL is allowed for unstructured with an initial_mask)
   const uint8_t* initial_mask;   // [rows, cols] 0/1 (1 = pruned) or NULL: build from the score
-  int32_t prune_n;               // N pruned of every M
+  int32_t prune_n;               // N pruned of every M (0 with prune_m = 0: unstructured)
   int32_t prune_m;
   int32_t cycles;                // T >= 0, the cycle budget per row
   double threshold;              // tau: a row stops once |e| <= tau
@@ -68,6 +77,7 @@ typedef struct dsnot_nm_problem {
   int32_t improve_check;         // 0/1
   int32_t moment_check;          // 0/1
   double seq_len;                // L (moment check only)
+  int64_t pruned_per_row;        // k, unstructured only (0 <= k <= cols; ignored for N:M)
 } dsnot_nm_problem;
 
 // Where the results go (all device pointers for the CUDA path).
@@ -85,7 +95,8 @@ int dsnot_nm_check(const dsnot_nm_problem* problem, const dsnot_nm_output* outpu
 int dsnot_nm_refine_cpu(const dsnot_nm_problem* problem, const dsnot_nm_output* output,
                         int num_threads);
 
-// Bytes of device scratch the CUDA path needs (the per-row candidate queues).
+// Bytes of device scratch the CUDA path needs (the per-row candidate queues; enough for
+// either pattern).
 size_t dsnot_nm_cuda_workspace_bytes(int64_t rows, int64_t cols, int32_t cycles);
 
 // CUDA path: all pointers on the current device; asynchronous on `stream`. Returns
@@ -93,8 +104,12 @@ size_t dsnot_nm_cuda_workspace_bytes(int64_t rows, int64_t cols, int32_t cycles)
 int dsnot_nm_refine_cuda(const dsnot_nm_problem* problem, const dsnot_nm_output* output,
                          void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-// 1 if this build contains the CUDA path.
+// 1 if this build contains the CUDA path (N:M).
 int dsnot_nm_has_cuda(void);
+
+// 1 if this build's CUDA path also handles unstructured problems (else dsnot_nm_refine_cuda
+// answers DSNOT_UNSUPPORTED for them).
+int dsnot_has_cuda_unstructured(void);
 
 // A short English description of a status code.
 const char* dsnot_status_string(int status);

@@ -1,4 +1,5 @@
-// nm_refine_cpu.cpp: the C++ CPU path of the N:M swap loop (SPEC §2, §3, §5), torch-free.
+// nm_refine_cpu.cpp: the C++ CPU path of the N:M swap loop (SPEC §2, §3, §5), torch-free, and
+// the C entry points of the CPU core (unstructured problems go to unstructured_refine_cpu.cpp).
 //
 // Rows are independent: std::threads take blocks of rows through an atomic counter. Per row,
 // W is read once and everything else stays in per-thread row buffers (L1/L2 resident):
@@ -17,12 +18,10 @@
 // Never a full sort of a row. Memory traffic: W (2-4 bytes per weight) in, the mask (1 byte
 // per weight) out; the [cols] vectors are shared by all rows and stay cached.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <new>
-#include <thread>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -33,13 +32,12 @@
 #define DSNOT_HAVE_F16C_PATH 1
 #endif
 
+#include "cpu_common.h"
 #include "dsnot_nm.h"
 #include "nm_common.h"
 
 namespace dsnot {
 namespace {
-
-constexpr int64_t kRowsPerTask = 8;  // rows handed to a thread at once (amortises the atomic)
 
 // Per-thread buffers, reused across rows.
 struct Scratch {
@@ -91,12 +89,6 @@ __attribute__((target("avx,f16c"))) void halves_f16c(const uint16_t* src, float*
 const bool kHasF16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
 #endif
 
-void halves_to_floats(const uint16_t* src, float* dst, int64_t n) {
-#if defined(DSNOT_HAVE_F16C_PATH)
-  if (kHasF16c) return halves_f16c(src, dst, n);
-#endif
-  for (int64_t j = 0; j < n; ++j) dst[j] = half_bits_to_float_flat(src[j]);
-}
 
 // ---- B. initial mask ---------------------------------------------------------------------
 // Column i of a group is pruned iff fewer than N columns come before it in (score, column)
@@ -345,6 +337,14 @@ RowFn pick(int dtype, int m) {
 }
 
 }  // namespace
+
+void halves_to_floats(const uint16_t* src, float* dst, int64_t n) {
+#if defined(DSNOT_HAVE_F16C_PATH)
+  if (kHasF16c) return halves_f16c(src, dst, n);
+#endif
+  for (int64_t j = 0; j < n; ++j) dst[j] = half_bits_to_float_flat(src[j]);
+}
+
 }  // namespace dsnot
 
 extern "C" int dsnot_nm_check(const dsnot_nm_problem* p, const dsnot_nm_output* o) {
@@ -352,12 +352,19 @@ extern "C" int dsnot_nm_check(const dsnot_nm_problem* p, const dsnot_nm_output* 
   if (p->dtype != DSNOT_FLOAT32 && p->dtype != DSNOT_FLOAT16 && p->dtype != DSNOT_BFLOAT16)
     return DSNOT_BAD_ARGUMENT;
   if (p->rows < 0 || p->cols < 0 || p->cols > 0x7FFFFFFF) return DSNOT_BAD_ARGUMENT;
-  if (p->prune_m < 1 || p->prune_n < 1 || p->prune_n >= p->prune_m) return DSNOT_BAD_ARGUMENT;
-  if (p->cols % p->prune_m != 0 || p->cycles < 0) return DSNOT_BAD_ARGUMENT;
-  if (!(p->threshold >= 0)) return DSNOT_BAD_ARGUMENT;
+  const bool unstructured = p->prune_m == 0 && p->prune_n == 0;
+  if (unstructured) {
+    if (p->pruned_per_row < 0 || p->pruned_per_row > p->cols) return DSNOT_BAD_ARGUMENT;
+  } else {
+    if (p->prune_m < 1 || p->prune_n < 1 || p->prune_n >= p->prune_m) return DSNOT_BAD_ARGUMENT;
+    if (p->cols % p->prune_m != 0) return DSNOT_BAD_ARGUMENT;
+  }
+  if (p->cycles < 0 || !(p->threshold >= 0)) return DSNOT_BAD_ARGUMENT;
   if (p->rows == 0 || p->cols == 0) return DSNOT_OK;
   if (!p->weight || !p->sum_metric_row || !p->sqrt_scaler_row || !p->var_pow) return DSNOT_BAD_ARGUMENT;
-  if (!p->init_col_scale && !p->init_score) return DSNOT_BAD_ARGUMENT;
+  // The initial score builds the mask, and (N:M) orders the pruning partners.
+  const bool needs_score = !unstructured || !p->initial_mask;
+  if (needs_score && !p->init_col_scale && !p->init_score) return DSNOT_BAD_ARGUMENT;
   if (!o->pruned_mask || !o->swaps || !o->error_before || !o->error_after) return DSNOT_BAD_ARGUMENT;
   return DSNOT_OK;
 }
@@ -375,49 +382,27 @@ extern "C" int dsnot_nm_refine_cpu(const dsnot_nm_problem* p, const dsnot_nm_out
     }
     return DSNOT_OK;
   }
+  if (p->prune_m == 0) return dsnot::refine_unstructured_cpu(*p, *o, num_threads);
   const dsnot::RowFn fn = dsnot::pick(p->dtype, p->prune_m);
-  const int64_t tasks = (rows + dsnot::kRowsPerTask - 1) / dsnot::kRowsPerTask;
-  if (num_threads <= 0) num_threads = (int)std::max(1u, std::thread::hardware_concurrency());
-  num_threads = (int)std::min<int64_t>(num_threads, tasks);
-
-  std::atomic<int64_t> next{0};
-  std::atomic<int> failed{DSNOT_OK};
-  auto work = [&]() {
-    try {
-      dsnot::Scratch scratch;
-      scratch.reserve(p->cols, p->cycles);
-      for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
-        const int64_t end = std::min(rows, (t + 1) * dsnot::kRowsPerTask);
-        for (int64_t r = t * dsnot::kRowsPerTask; r < end; ++r) fn(*p, *o, r, scratch);
-      }
-    } catch (const std::bad_alloc&) {
-      failed.store(DSNOT_NO_MEMORY);
-      next.store(tasks);
-    }
-  };
-  if (num_threads <= 1) {
-    work();
-  } else {
-    std::vector<std::thread> pool;
-    try {
-      pool.reserve(num_threads - 1);
-      for (int i = 0; i < num_threads - 1; ++i) pool.emplace_back(work);
-    } catch (...) {  // could not start more threads: the ones started (and this one) finish
-    }
-    work();
-    for (auto& t : pool) t.join();
-  }
-  return failed.load();
+  return dsnot::parallel_rows(
+      rows, num_threads,
+      [p]() {
+        dsnot::Scratch scratch;
+        scratch.reserve(p->cols, p->cycles);
+        return scratch;
+      },
+      [p, o, fn](dsnot::Scratch& scratch, int64_t r) { fn(*p, *o, r, scratch); });
 }
 
 extern "C" const char* dsnot_status_string(int status) {
   switch (status) {
     case DSNOT_OK: return "ok";
-    case DSNOT_BAD_ARGUMENT: return "bad argument (size, pointer, dtype or N:M pattern)";
+    case DSNOT_BAD_ARGUMENT: return "bad argument (size, pointer, dtype, N:M pattern or pruned_per_row)";
     case DSNOT_NO_MEMORY: return "out of host memory";
     case DSNOT_CUDA_ERROR: return "CUDA kernel launch failed";
     case DSNOT_NO_CUDA: return "built without CUDA";
     case DSNOT_WORKSPACE: return "CUDA workspace too small";
+    case DSNOT_UNSUPPORTED: return "this path does not implement the problem's pattern";
     default: return "unknown status";
   }
 }
@@ -425,6 +410,7 @@ extern "C" const char* dsnot_status_string(int status) {
 #ifndef DSNOT_WITH_CUDA
 // Built without CUDA: the CUDA entry points exist so that the binding links, and say so.
 extern "C" int dsnot_nm_has_cuda(void) { return 0; }
+extern "C" int dsnot_has_cuda_unstructured(void) { return 0; }
 extern "C" size_t dsnot_nm_cuda_workspace_bytes(int64_t, int64_t, int32_t) { return 0; }
 extern "C" int dsnot_nm_refine_cuda(const dsnot_nm_problem*, const dsnot_nm_output*, void*, size_t,
                                     cudaStream_t) {

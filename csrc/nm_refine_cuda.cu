@@ -464,6 +464,7 @@ int64_t queue_depth(int64_t cols, int32_t cycles) { return cycles < cols ? cycle
 }  // namespace dsnot
 
 extern "C" int dsnot_nm_has_cuda(void) { return 1; }
+extern "C" int dsnot_has_cuda_unstructured(void) { return 0; }
 
 extern "C" size_t dsnot_nm_cuda_workspace_bytes(int64_t rows, int64_t cols, int32_t cycles) {
   if (rows <= 0 || cols <= 0 || cycles <= 0) return 0;
@@ -475,6 +476,7 @@ extern "C" int dsnot_nm_refine_cuda(const dsnot_nm_problem* p, const dsnot_nm_ou
                                     size_t workspace_bytes, cudaStream_t stream) {
   const int status = dsnot_nm_check(p, o);
   if (status != DSNOT_OK) return status;
+  if (p->prune_m == 0) return DSNOT_UNSUPPORTED;  // unstructured: CPU path only
   if (p->rows == 0) return DSNOT_OK;
   if (p->rows > (int64_t)0x7FFFFFFF * dsnot::kWarpsPerBlock) return DSNOT_BAD_ARGUMENT;
   const size_t need = dsnot_nm_cuda_workspace_bytes(p->rows, p->cols, p->cycles);

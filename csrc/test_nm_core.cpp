@@ -39,7 +39,8 @@ struct Result {
 struct Case {
   std::vector<float> w;            // [rows, cols] float32
   int64_t rows = 1, cols = 8;
-  int n = 2, m = 4, cycles = 50;
+  int n = 2, m = 4, cycles = 50;  // n = m = 0: unstructured with k pruned per row
+  int64_t k = 0;
   double threshold = 0.1;
   bool sign_check = false, improve_check = false, moment_check = false;
   double seq_len = 1.0;
@@ -67,6 +68,7 @@ static dsnot_nm_problem make_problem(const Case& c, std::vector<float>& ones) {
   p.improve_check = c.improve_check;
   p.moment_check = c.moment_check;
   p.seq_len = c.seq_len;
+  p.pruned_per_row = c.k;
   return p;
 }
 
@@ -172,6 +174,44 @@ static void test_hand_cases() {
   f.m = 8;
   f.v = {1.f, 0.25f, 1.f, 1.f, 0.0625f, 1.f, 1.f, 1.f};
   expect_row("4:8 tie in G", run_case(f), "00110110", 3, 0.5, 14.0);
+}
+
+static void test_unstructured_hand_cases() {
+  // Unstructured 50%, w = [0.5 -0.25 3 4 0.75 5 -6 0.125]: the four lowest |w| are cols 7, 1,
+  // 0, 4 -> pruned 0,1,4,7; e0 = 0.5 - 0.25 + 0.75 + 0.125 = 1.125.
+  // Queues: grow+ = 4 (0.75), 0 (0.5), 7 (0.125); grow- = 1 (-0.25);
+  //         prune- (kept, D < 0) = 6; prune+ (kept, D > 0, |w| ascending) = 2, 3, 5.
+  //   cycle 1: e > 0: g = 4, p = 6: e = 1.125 - 6 - 0.75 = -5.625 (overshoot, accepted)
+  //   cycle 2: e < 0: g = 1, p = 2: e = -5.625 + 3 + 0.25 = -2.375
+  //   cycle 3: e < 0 and grow- is empty: stop.
+  Case c;
+  c.w = {0.5f, -0.25f, 3.f, 4.f, 0.75f, 5.f, -6.f, 0.125f};
+  c.n = c.m = 0;
+  c.k = 4;
+  expect_row("unstructured basic", run_case(c), "10100011", 2, 1.125, -2.375);
+  c.cycles = 1;
+  expect_row("unstructured T=1", run_case(c), "11000011", 1, 1.125, -5.625);
+  c.cycles = 0;
+  expect_row("unstructured T=0", run_case(c), "11001001", 0, 1.125, 1.125);
+  c.cycles = 50;
+  c.sign_check = true;  // -5.625 has the other sign: rejected, the row stops
+  expect_row("unstructured sign_check", run_case(c), "11001001", 0, 1.125, 1.125);
+  c.sign_check = false;
+  c.improve_check = true;  // |-5.625| < |1.125| fails
+  expect_row("unstructured improve_check", run_case(c), "11001001", 0, 1.125, 1.125);
+  c.improve_check = false;
+  c.threshold = 2.0;  // |e0| <= tau
+  expect_row("unstructured threshold", run_case(c), "11001001", 0, 1.125, 1.125);
+  c.threshold = 0.1;
+  // Ties: |w| = 1 everywhere, k = 3 prunes the three lowest columns 0, 1, 2 (stable sort);
+  // w = [1 1 -1 1 -1 1 1 -1]: e0 = 1 + 1 - 1 = 1; grow+ = 1, 0 (higher column first);
+  // prune- = 4, 7 (lower column first).
+  //   cycle 1: g = 1, p = 4: e = 1 - 1 - 1 = -1;  cycle 2: grow- = 2, prune+ = 3: e = -1 + 1 + 1 = 1
+  //   cycle 3: g = 0, p = 7: e = 1 - 1 - 1 = -1;  cycle 4: grow- is empty: stop.
+  Case t = c;
+  t.w = {1.f, 1.f, -1.f, 1.f, -1.f, 1.f, 1.f, -1.f};
+  t.k = 3;
+  expect_row("unstructured ties", run_case(t), "00011001", 3, 1.0, -1.0);
 }
 
 static void test_conversions() {
@@ -303,6 +343,7 @@ static void test_cuda_matches_cpu() {
 
 int main() {
   test_hand_cases();
+  test_unstructured_hand_cases();
   test_conversions();
   test_threads();
 #ifdef DSNOT_WITH_CUDA

@@ -1,15 +1,16 @@
-"""The compiled N:M backend ``"ext"``: a thin wrapper around ``dsnot_kernels._C``.
+"""The compiled backend ``"ext"``: a thin wrapper around ``dsnot_kernels._C``.
 
 The extension (csrc/, built by ``pip install --no-build-isolation -e .``; see README, "Build
-switches") runs SPEC §2, §3 and §5 for one layer in one call:
+switches") runs SPEC §2-§5 for one layer in one call:
 
-    per row r of W [out, in]:  initial N:M mask, e = Σ_pruned D (float64),
-    grow+ / grow- = top-T selections of the pruned columns by G = D / V^p,
-    up to T swap cycles with the group-local partner and the acceptance tests
+    per row r of W [out, in]:  initial mask (N:M, or the k lowest scores), e = Σ_pruned D
+    (float64), grow+ / grow- = top-T selections of the pruned columns by G = D / V^p,
+    unstructured also prune- / prune+ = top-T selections of the kept columns by A,
+    up to T swap cycles (group-local partner for N:M) with the acceptance tests
 
 on the C++ CPU path (rows over std::threads, ``torch.get_num_threads()`` of them) or on the
-CUDA path (one warp per row). It reads W once in its own dtype (fp16/bf16 are converted per
-element, exactly) and writes the mask once.
+CUDA path (one warp per row; unstructured only if :func:`has_cuda_unstructured`). It reads W
+once in its own dtype (fp16/bf16 are converted per element, exactly) and writes the mask once.
 
 Importing this module never raises: a missing or broken library is recorded and reported by
 :func:`unavailable_reason`.
@@ -38,29 +39,34 @@ def has_cuda() -> bool:
     return _C is not None and bool(_C.has_cuda())
 
 
-def unavailable_reason(device: torch.device) -> Optional[str]:
-    """``None`` if the extension can refine N:M problems on ``device``, else a one-line reason."""
+def has_cuda_unstructured() -> bool:
+    """True if the loaded extension's CUDA path also handles unstructured problems."""
+    return has_cuda() and bool(getattr(_C, "has_cuda_unstructured", lambda: False)())
+
+
+def unavailable_reason(device: torch.device, nm: bool = True) -> Optional[str]:
+    """``None`` if the extension can refine problems on ``device`` (N:M if ``nm``, else
+    unstructured), else a one-line reason."""
     device = torch.device(device)
     if _C is None:
         return _LOAD_ERROR
     if device.type == "cpu":
+        if not nm and not hasattr(_C, "refine_unstructured"):
+            return "dsnot_kernels._C predates the unstructured path (rebuild: pip install --no-build-isolation -e .)"
         return None
     if device.type == "cuda":
         if not has_cuda():
             return "dsnot_kernels._C was built without CUDA (rebuild with nvcc and a CUDA torch)"
+        if not nm and not has_cuda_unstructured():
+            return "dsnot_kernels._C's CUDA path implements N:M patterns only (unstructured runs on CPU tensors)"
         return None
     return f"dsnot_kernels._C has no path for device {device}"
 
 
 def refine_ext(problem: RefineProblem) -> RefineOutput:
-    """Run an N:M ``problem`` on the compiled extension; exactly the reference's output.
-
-    Raises ``ValueError`` for unstructured problems and ``RuntimeError`` if the extension
-    cannot run on the problem's device.
-    """
-    if not problem.is_nm:
-        raise ValueError("refine_ext handles N:M patterns only (problem.prune_m == 0 is unstructured)")
-    reason = unavailable_reason(problem.weight.device)
+    """Run ``problem`` (N:M or unstructured) on the compiled extension; exactly the reference's
+    output. Raises ``RuntimeError`` if the extension cannot run it on the problem's device."""
+    reason = unavailable_reason(problem.weight.device, problem.is_nm)
     if reason is not None:
         raise RuntimeError(f"backend 'ext' cannot run: {reason}")
     vec = lambda t: t.to(torch.float32).contiguous()  # noqa: E731 - [in] float32 columns
@@ -68,10 +74,12 @@ def refine_ext(problem: RefineProblem) -> RefineOutput:
     init_col_scale = None if problem.init_col_scale is None or init_score is not None \
         else vec(problem.init_col_scale)
     mask = None if problem.initial_mask is None else problem.initial_mask.contiguous()
-    pruned, swaps, before, after = _C.refine_nm(
-        problem.weight.contiguous(), vec(problem.sum_metric_row), vec(problem.sqrt_scaler_row),
-        vec(problem.var_pow), init_col_scale, init_score, mask,
-        int(problem.prune_n), int(problem.prune_m), int(problem.cycles), float(problem.threshold),
-        bool(problem.sign_check), bool(problem.improve_check), bool(problem.moment_check),
-        float(problem.seq_len))
-    return RefineOutput(pruned, swaps, before, after)
+    tensors = (problem.weight.contiguous(), vec(problem.sum_metric_row), vec(problem.sqrt_scaler_row),
+               vec(problem.var_pow), init_col_scale, init_score, mask)
+    checks = (int(problem.cycles), float(problem.threshold), bool(problem.sign_check),
+              bool(problem.improve_check), bool(problem.moment_check), float(problem.seq_len))
+    if problem.is_nm:
+        out = _C.refine_nm(*tensors, int(problem.prune_n), int(problem.prune_m), *checks)
+    else:
+        out = _C.refine_unstructured(*tensors, int(problem.pruned_per_row), *checks)
+    return RefineOutput(*out)

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-windows", type=int, default=None, help="evaluate on at most this many windows (default: all)")
     g.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity evaluation")
     g.add_argument("--eval-dense", action="store_true", help="also measure the dense model's perplexity first")
+    g.add_argument("--output-error", action="store_true",
+                   help="report each sublayer's output error on the calibration data (mean square and squared "
+                        "mean), for the initial and the final mask")
 
     g = p.add_argument_group("output")
     g.add_argument("--report", default=None, help="write the JSON report here")

@@ -69,6 +69,7 @@ class PruneArgs:
     eval_windows: Optional[int] = None             # None = every window of the evaluation text
     eval: bool = True
     eval_dense: bool = False
+    output_error: bool = False                     # per-sublayer output error (initial vs final mask)
     batch_size: int = 4
     device: Optional[str] = None                   # None = cuda if available else cpu
     dtype: str = "auto"
@@ -184,17 +185,34 @@ class _StatsHooks:
             h.remove()
 
 
+def _output_error(dense: torch.Tensor, res: dk.RefineResult, stats: dk.LayerStats, tag: str) -> Dict[str, float]:
+    """Output error of the pruned sublayer against the dense one on the calibration inputs.
+
+    With ``Δ = W_dense − W_pruned`` and the inputs' Gram matrix ``Σ x xᵀ = H·N/2``:
+    ``out_mse`` = mean over tokens and outputs of ``(Δx)²`` = ``trace(Δ Σxxᵀ Δᵀ) / (tokens·out)``;
+    ``out_mean_sq`` = mean over outputs of the squared *mean* error ``(Δ S / L)²`` (the first
+    moment, the part DSnoT's objective sees).
+    """
+    weight = res.updated_weight if res.updated_weight is not None else dense
+    delta = dense.float() - weight.float().masked_fill(res.pruned_mask, 0.0)
+    gram = stats.hessian.float() * (stats.nsamples / 2.0)
+    mse = float(((delta @ gram) * delta).sum()) / (stats.ntokens * delta.shape[0])
+    mean = delta @ stats.sum_metric_row.float() / (stats.ntokens / stats.nsamples)
+    return {f"out_mse_{tag}": mse, f"out_mean_sq_{tag}": float((mean ** 2).mean())}
+
+
 def _row_mean(t: torch.Tensor) -> float:
     return float(t.double().abs().mean()) if t.numel() else 0.0
 
 
 @torch.no_grad()
 def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: dk.RefineConfig,
-                skip: List[str], backend: str, device: torch.device, timings: Dict[str, float]) -> List[dict]:
+                skip: List[str], backend: str, device: torch.device, timings: Dict[str, float],
+                output_error: bool = False) -> List[dict]:
     """Statistics on the dense layer, masks (+ DSnoT), zeroing, then the pruned pass. In place."""
     linears = find_linears(layer)
     clock = timed()
-    hooks = _StatsHooks(linears, hessian=cfg.init == "sparsegpt")
+    hooks = _StatsHooks(linears, hessian=cfg.init == "sparsegpt" or output_error)
     try:
         for b in range(len(cap.hidden)):
             hooks.start_batch(cap.hidden[b])
@@ -215,6 +233,7 @@ def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: d
             if not names:
                 continue
             mods = [linears[n] for n in names]
+            dense = [m.weight.detach().clone() for m in mods] if output_error else None
             clock = timed()
             if not refined or cfg.init == "sparsegpt":
                 # One call: initial mask only, or SparseGPT (its weight update and mask) + DSnoT
@@ -234,10 +253,18 @@ def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: d
             timings["initial_masks"] += spent_init
             timings["refine"] += spent_refine
             rows = sum(m.out_features for m in mods)
-            for name, mod, res in zip(names, mods, results):
+            if output_error:   # outside the timed stages; SparseGPT's initial mask needs its own call
+                initial = (results if not refined else
+                           dk.refine_many(mods, stats, initial_cfg, backend=backend) if cfg.init == "sparsegpt"
+                           else initial)
+            for i, (name, mod, res) in enumerate(zip(names, mods, results)):
+                errors = {}
+                if output_error:
+                    errors = {**_output_error(dense[i], initial[i], stats, "initial"),
+                              **_output_error(dense[i], res, stats, "final")}
                 dk.apply_mask_(mod, res)
                 share = mod.out_features / rows
-                entries.append({
+                entries.append({**errors,
                     "name": f"{prefix}.{index}.{name}", "layer": index, "sublayer": name,
                     "kind": sublayer_kind(name), "group": gi, "shape": [mod.out_features, mod.in_features],
                     "sparsity": float((mod.weight == 0).float().mean()),
@@ -322,7 +349,8 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
         clock = timed()
         layer = layers[i].to(device)
         timings["statistics"] += clock()      # moving the layer in counts with its dense pass
-        entries += prune_layer(i, layers_name, layer, cap, cfg, skip, args.backend, device, timings)
+        entries += prune_layer(i, layers_name, layer, cap, cfg, skip, args.backend, device, timings,
+                               output_error=args.output_error)
         layers[i].to("cpu")
     del cap
     pruned = [e for e in entries if e.get("pruned", True)]
