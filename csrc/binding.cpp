@@ -170,15 +170,60 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> refine_un
 
 }  // namespace
 
+// Why no exception ever leaves this module: in a CUDA build on torch 2.11+cu130 (H100) a C++
+// exception crossing into Python crashed the process. Every entry point therefore catches and
+// returns ("TypeError" | "ValueError" | "RuntimeError", message) instead of the four outputs;
+// dsnot_kernels/ext.py turns that pair into the Python exception.
+template <typename Body>
+pybind11::object returning_errors(Body&& body) {
+  try {
+    auto out = body();
+    return pybind11::make_tuple(std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out));
+  } catch (const c10::TypeError& e) {
+    return pybind11::make_tuple("TypeError", e.what_without_backtrace());
+  } catch (const c10::ValueError& e) {
+    return pybind11::make_tuple("ValueError", e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    return pybind11::make_tuple("RuntimeError", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return pybind11::make_tuple("RuntimeError", e.what());
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dsnot_kernels._C: compiled DSnoT mask swaps (N:M and unstructured) (C++ CPU path, optional CUDA path)";
-  m.def("refine_nm", &refine_nm, "SPEC §2-§5 for an N:M pattern; see csrc/dsnot_nm.h",
+  m.doc() = "dsnot_kernels._C: compiled DSnoT mask swaps (N:M and unstructured) (C++ CPU path, optional CUDA path). "
+            "refine_* return the four outputs, or (error kind, message): call them through dsnot_kernels.ext.call";
+  m.def("refine_nm", [](const torch::Tensor& weight, const torch::Tensor& sum_metric_row,
+                        const torch::Tensor& sqrt_scaler_row, const torch::Tensor& var_pow,
+                        const std::optional<torch::Tensor>& init_col_scale,
+                        const std::optional<torch::Tensor>& init_score,
+                        const std::optional<torch::Tensor>& initial_mask, int64_t prune_n, int64_t prune_m,
+                        int64_t cycles, double threshold, bool sign_check, bool improve_check,
+                        bool moment_check, double seq_len) {
+          return returning_errors([&] {
+            return refine_nm(weight, sum_metric_row, sqrt_scaler_row, var_pow, init_col_scale, init_score,
+                             initial_mask, prune_n, prune_m, cycles, threshold, sign_check, improve_check,
+                             moment_check, seq_len);
+          });
+        }, "SPEC §2-§5 for an N:M pattern; see csrc/dsnot_nm.h",
         pybind11::arg("weight"), pybind11::arg("sum_metric_row"), pybind11::arg("sqrt_scaler_row"),
         pybind11::arg("var_pow"), pybind11::arg("init_col_scale"), pybind11::arg("init_score"),
         pybind11::arg("initial_mask"), pybind11::arg("prune_n"), pybind11::arg("prune_m"),
         pybind11::arg("cycles"), pybind11::arg("threshold"), pybind11::arg("sign_check"),
         pybind11::arg("improve_check"), pybind11::arg("moment_check"), pybind11::arg("seq_len"));
-  m.def("refine_unstructured", &refine_unstructured, "SPEC §2-§4 for unstructured sparsity; see csrc/dsnot_nm.h",
+  m.def("refine_unstructured", [](const torch::Tensor& weight, const torch::Tensor& sum_metric_row,
+                                  const torch::Tensor& sqrt_scaler_row, const torch::Tensor& var_pow,
+                                  const std::optional<torch::Tensor>& init_col_scale,
+                                  const std::optional<torch::Tensor>& init_score,
+                                  const std::optional<torch::Tensor>& initial_mask, int64_t pruned_per_row,
+                                  int64_t cycles, double threshold, bool sign_check, bool improve_check,
+                                  bool moment_check, double seq_len) {
+          return returning_errors([&] {
+            return refine_unstructured(weight, sum_metric_row, sqrt_scaler_row, var_pow, init_col_scale,
+                                       init_score, initial_mask, pruned_per_row, cycles, threshold,
+                                       sign_check, improve_check, moment_check, seq_len);
+          });
+        }, "SPEC §2-§4 for unstructured sparsity; see csrc/dsnot_nm.h",
         pybind11::arg("weight"), pybind11::arg("sum_metric_row"), pybind11::arg("sqrt_scaler_row"),
         pybind11::arg("var_pow"), pybind11::arg("init_col_scale"), pybind11::arg("init_score"),
         pybind11::arg("initial_mask"), pybind11::arg("pruned_per_row"), pybind11::arg("cycles"),

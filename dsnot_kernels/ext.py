@@ -63,6 +63,18 @@ def unavailable_reason(device: torch.device, nm: bool = True) -> Optional[str]:
     return f"dsnot_kernels._C has no path for device {device}"
 
 
+_ERRORS = {"TypeError": TypeError, "ValueError": ValueError}
+
+
+def call(name: str, *args, **kwargs):
+    """Call ``_C.<name>``: its entry points return ``(error kind, message)`` instead of raising
+    (see csrc/binding.cpp for why); this raises the matching Python exception."""
+    out = getattr(_C, name)(*args, **kwargs)
+    if len(out) == 2 and isinstance(out[0], str):
+        raise _ERRORS.get(out[0], RuntimeError)(out[1])
+    return out
+
+
 def refine_ext(problem: RefineProblem) -> RefineOutput:
     """Run ``problem`` (N:M or unstructured) on the compiled extension; exactly the reference's
     output. Raises ``RuntimeError`` if the extension cannot run it on the problem's device."""
@@ -79,7 +91,7 @@ def refine_ext(problem: RefineProblem) -> RefineOutput:
     checks = (int(problem.cycles), float(problem.threshold), bool(problem.sign_check),
               bool(problem.improve_check), bool(problem.moment_check), float(problem.seq_len))
     if problem.is_nm:
-        out = _C.refine_nm(*tensors, int(problem.prune_n), int(problem.prune_m), *checks)
+        out = call("refine_nm", *tensors, int(problem.prune_n), int(problem.prune_m), *checks)
     else:
-        out = _C.refine_unstructured(*tensors, int(problem.pruned_per_row), *checks)
+        out = call("refine_unstructured", *tensors, int(problem.pruned_per_row), *checks)
     return RefineOutput(*out)

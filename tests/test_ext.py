@@ -207,9 +207,6 @@ def test_unstructured_backend_ext_and_auto():
     assert dk.available_backends("cpu", "unstructured")["ext"] is True
 
 
-@pytest.mark.skipif(ext.has_cuda(), reason="known issue: in the CUDA build (torch 2.11+cu130, H100) a C++ exception "
-                    "raised by the binding's checks crashed the process; dk.refine validates every input in "
-                    "Python before calling _C, so only direct _C calls with bad arguments are affected")
 def test_binding_checks_name_the_tensor():
     weight, stats = make_layer(4, 16, torch.float32)
     problem, _ = build_problem(weight, stats, dk.RefineConfig(pattern="2:4"))
@@ -222,9 +219,9 @@ def test_binding_checks_name_the_tensor():
            "weight": torch.ones(4, 16, dtype=torch.int32), "initial_mask": torch.ones(4, 16)}
     for name, value in bad.items():
         with pytest.raises((ValueError, TypeError), match=name):
-            ext._C.refine_nm(**{**args, name: value})
+            ext.call("refine_nm", **{**args, name: value})
     with pytest.raises(ValueError, match="M=3"):
-        ext._C.refine_nm(**{**args, "prune_n": 1, "prune_m": 3})
+        ext.call("refine_nm", **{**args, "prune_n": 1, "prune_m": 3})
 
 
 def test_reasons():
@@ -250,12 +247,12 @@ def test_unstructured_binding_checks():
                 pruned_per_row=8, cycles=5, threshold=0.1, sign_check=False,
                 improve_check=False, moment_check=False, seq_len=1.0)
     with pytest.raises(ValueError, match="pruned_per_row"):
-        ext._C.refine_unstructured(**{**args, "pruned_per_row": 17})
+        ext.call("refine_unstructured", **{**args, "pruned_per_row": 17})
     with pytest.raises(ValueError, match="init_col_scale"):
-        ext._C.refine_unstructured(**{**args, "init_col_scale": None})   # no score, no mask
+        ext.call("refine_unstructured", **{**args, "init_col_scale": None})   # no score, no mask
     mask = torch.zeros(4, 16, dtype=torch.bool)
     mask[:, :8] = True                                                    # a mask needs no score
-    out = ext._C.refine_unstructured(**{**args, "init_col_scale": None, "initial_mask": mask})
+    out = ext.call("refine_unstructured", **{**args, "init_col_scale": None, "initial_mask": mask})
     assert out[0].sum(1).tolist() == [8] * 4
 
 
