@@ -18,6 +18,7 @@ Variants (``--variants``):
     original-sign   the published settings with the sign check on, MLP skipped
     robust          RefineConfig.robust(): swaps must lower |e| and the squared-error estimate,
                     every sublayer refined
+    robust-attn     the robust checks, MLP skipped
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ VARIANTS = {
     "original-all": dict(preset="original", skip="none"),
     "original-sign": dict(preset="original", skip="mlp", sign_check=True),
     "robust": dict(preset="robust", skip="none"),
+    "robust-attn": dict(preset="robust", skip="mlp"),
 }
 
 

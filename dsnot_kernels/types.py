@@ -171,8 +171,16 @@ class RefineConfig:
 
     @classmethod
     def robust(cls, **overrides) -> "RefineConfig":
-        """Swaps must lower both ``|e|`` and the squared-error estimate (README, "Robust preset")."""
+        """Swaps must lower both ``|e|`` and the squared-error estimate (README, "Robust preset").
+
+        With ``init="sparsegpt"`` it keeps SparseGPT's mask (``max_cycle_time=0``) unless told
+        otherwise: DSnoT's error model assumes a regrown weight restores its dense contribution,
+        which SparseGPT's compensating update of the kept weights breaks (measured: perplexity
+        rises, README).
+        """
         settings = dict(improve_check=True, moment_check=True)
+        if overrides.get("init") == "sparsegpt":
+            settings["max_cycle_time"] = 0
         settings.update(overrides)
         return cls(**settings)
 

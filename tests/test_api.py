@@ -398,3 +398,10 @@ def test_refine_with_stats_on_weight_device_after_to(layer):
     meta = stats.to("meta")
     assert meta.sum_metric_row.device.type == "meta" and meta.hessian.device.type == "meta"
     assert stats.sum_metric_row.device.type == "cpu"
+
+
+def test_robust_preset_keeps_sparsegpt_masks_unless_told():
+    """robust + sparsegpt refines nothing by default (measured harmful, README), but can be overridden."""
+    assert dk.RefineConfig.robust(init="sparsegpt").max_cycle_time == 0
+    assert dk.RefineConfig.robust(init="sparsegpt", max_cycle_time=7).max_cycle_time == 7
+    assert dk.RefineConfig.robust(init="wanda").max_cycle_time == 50

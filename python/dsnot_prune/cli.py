@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop a row at a swap that flips its error's sign (default: on for N:M, off for unstructured)")
     g.add_argument("--no-sign-check", dest="sign_check", action="store_false")
     g.add_argument("--skip", default=d.skip,
-                   help="sublayers that keep their initial mask: 'mlp' (the original's default), 'attn', 'none', "
-                        "or comma-separated name parts (e.g. 'mlp,o_proj')")
+                   help="sublayers that keep their initial mask: 'mlp' (the original's), 'attn', 'none', "
+                        "or comma-separated name parts (e.g. 'mlp,o_proj'); default: the preset's "
+                        "(original: mlp, robust: none)")
     g.add_argument("--backend", default=d.backend, help="dsnot_kernels backend: auto, torch, triton, ext, reference")
 
     g = p.add_argument_group("data")
