@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dsnot-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) CMakeLists.txt build_extension.py setup.py
 
-.PHONY: all install test test-quick demo bench clean
+.PHONY: all install test test-quick demo bench bench-prune bench-quality clean
 
 all: test
 
@@ -32,6 +32,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_refine.py --device cpu
+
+bench-prune: $(STAMP)
+	$(PY) benchmarks/bench_prune.py
+
+bench-quality: $(STAMP)
+	$(PY) benchmarks/bench_quality.py
 
 clean:
 	rm -rf build *.egg-info dsnot_kernels/_C*.so

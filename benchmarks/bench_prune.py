@@ -28,9 +28,6 @@ import csv
 import datetime as dt
 import hashlib
 import json
-import os
-import platform
-import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -43,25 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))   # runn
 from dsnot_prune import data as data_mod  # noqa: E402
 from dsnot_prune.models import DriverError, find_decoder_layers, find_linears, load_model  # noqa: E402
 from dsnot_prune.pipeline import PruneArgs, prune_model  # noqa: E402
+from bench_common import machine_name  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRUNE_STAGES = ("calibration", "statistics", "initial_masks", "refine", "propagation")
-
-
-def machine_name(device: str) -> str:
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name()
-    else:
-        model = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        name = f"cpu-{os.cpu_count()}core-{model}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
 def mask_digest(model: torch.nn.Module) -> str:

@@ -26,9 +26,6 @@ import argparse
 import csv
 import datetime as dt
 import json
-import math
-import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))   # run from a checkout
 from dsnot_prune.pipeline import PruneArgs, run  # noqa: E402
+from bench_common import machine_name  # noqa: E402 (benchmarks/ is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -52,11 +50,6 @@ VARIANTS = {
 def _target(text: str):
     """``"0.6"`` -> 60% unstructured; ``"2:4"`` -> N:M."""
     return ("unstructured", float(text)) if ":" not in text else (text, None)
-
-
-def machine_name(device: str) -> str:
-    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu-{os.cpu_count()}core"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
 def _sublayer_summary(report: dict) -> dict:

@@ -19,9 +19,6 @@ import argparse
 import csv
 import datetime as dt
 import json
-import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -31,6 +28,7 @@ from pathlib import Path
 import torch
 
 import dsnot_kernels as dk
+from bench_common import machine_name  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]      # [out, in]
 SMOKE_SHAPES = [(64, 512)]
@@ -81,22 +79,6 @@ def copy_bandwidth(device: str) -> float:
     dst = torch.empty_like(src)
     median, _ = time_call(lambda: dst.copy_(src), device, repeats=10, warmup=2)
     return 2 * n / median
-
-
-def machine_name(device: str) -> str:
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        model = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        name = f"cpu-{os.cpu_count()}core-{model}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
 def outputs_agree(expected: dk.RefineResult, actual: dk.RefineResult) -> bool:

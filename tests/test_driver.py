@@ -199,12 +199,15 @@ def test_pipeline_prunes_saves_and_reloads(kind, pattern, init, dtype, text_file
     assert math.isfinite(report["ppl"]) and report["ppl"] > 1
     for stage in ("load", "calibration", "statistics", "initial_masks", "refine", "propagation", "evaluation", "total"):
         assert report["timings"][stage] >= 0, stage
-    # default skip policy: attention refined, MLP kept its initial mask
+    # default skip policy is the preset's: robust (the default) refines every sublayer
     entries = report["sublayers"]
     assert len(entries) == len(_decoder_linears(model))
-    assert {e["kind"] for e in entries if e["refined"]} == {"attn"}
-    assert {e["kind"] for e in entries if not e["refined"]} == {"mlp"}
-    assert all(e["mean_swaps"] == 0 for e in entries if not e["refined"])
+    assert args.skip is None and args.skip_policy() == "none"
+    if init == "sparsegpt":   # the robust preset keeps SparseGPT's masks (README, "DSnoT that helps")
+        assert not any(e["refined"] for e in entries)
+    else:
+        assert {e["kind"] for e in entries if e["refined"]} == {"attn", "mlp"}
+        assert all(e["refined"] for e in entries)
     for e in entries:
         for key in ("name", "shape", "sparsity", "refined", "mean_swaps", "mean_abs_error_before",
                     "mean_abs_error_after", "seconds"):
@@ -423,3 +426,13 @@ def test_pipeline_on_cuda_backends_agree(pattern, text_file, tokenizer):
     for backend, got in masks.items():
         for name in got:
             assert torch.equal(got[name], masks["torch"][name]), f"{backend} vs torch: {name}"
+
+
+def test_default_skip_follows_the_preset(text_file, tokenizer):
+    """--skip unset: the original preset keeps the MLP's initial mask (as the paper's code), robust refines all."""
+    assert PruneArgs(preset="original").skip_policy() == "mlp"
+    assert PruneArgs(preset="robust").skip_policy() == "none"
+    assert PruneArgs(preset="original", skip="attn").skip_policy() == "attn"
+    report = run(_args(text_file, preset="original", eval=False), model=make_model("llama"), tokenizer=tokenizer)
+    assert {e["kind"] for e in report["sublayers"] if e["refined"]} == {"attn"}
+    assert all(e["mean_swaps"] == 0 for e in report["sublayers"] if not e["refined"])

@@ -29,7 +29,8 @@ def reports():
     return {
         "magnitude": run(PruneArgs(**SETTINGS, init="magnitude", refine=False, eval_dense=True)),
         "wanda": run(PruneArgs(**SETTINGS, init="wanda", refine=False)),
-        "wanda+dsnot": run(PruneArgs(**SETTINGS, init="wanda", refine=True)),
+        "wanda+dsnot": run(PruneArgs(**SETTINGS, init="wanda", refine=True, preset="original")),
+        "wanda+robust": run(PruneArgs(**SETTINGS, init="wanda", refine=True)),     # the default preset
     }
 
 
@@ -37,7 +38,8 @@ def test_wanda_far_below_magnitude(reports):
     dense = reports["magnitude"]["ppl_dense"]
     mag, wanda = reports["magnitude"]["ppl"], reports["wanda"]["ppl"]
     print(f"\nSmolLM2 50% unstructured, 16x128 eval tokens: dense {dense:.2f}, magnitude {mag:.2f}, "
-          f"wanda {wanda:.2f}, wanda+dsnot {reports['wanda+dsnot']['ppl']:.2f}")
+          f"wanda {wanda:.2f}, wanda+dsnot (original) {reports['wanda+dsnot']['ppl']:.2f}, "
+          f"wanda+dsnot (robust) {reports['wanda+robust']['ppl']:.2f}")
     assert 1 < dense < wanda < mag
     assert wanda < 0.5 * mag, (wanda, mag)
     for r in reports.values():
@@ -67,3 +69,14 @@ def test_news_text_parts_are_disjoint():
     evals = data._source_texts("news", plan, "eval", log=None)
     assert calib.split("\n\n") == articles[:data.NEWS_SPLIT] and evals.split("\n\n") == articles[data.NEWS_SPLIT:]
     assert not set(calib.split("\n\n")) & set(evals.split("\n\n"))
+
+
+def test_default_robust_preset_refines_every_sublayer(reports):
+    r = reports["wanda+robust"]
+    assert r["config"]["preset"] == "robust" and r["config"]["improve_check"] and r["config"]["moment_check"]
+    assert r["unrefined_sublayers"] == [] and len(r["refined_sublayers"]) == 7
+    assert 0 < r["mean_swaps_refined"] < reports["wanda+dsnot"]["mean_swaps_refined"]
+    refined = [e for e in r["sublayers"] if e["refined"]]
+    # every accepted swap lowers |e|, so no row's error can grow
+    assert all(e["mean_abs_error_after"] <= e["mean_abs_error_before"] for e in refined)
+    assert math.isfinite(r["ppl"]) and r["ppl"] < reports["magnitude"]["ppl"]
