@@ -92,7 +92,7 @@ def outputs_agree(expected: dk.RefineResult, actual: dk.RefineResult) -> bool:
 # peak memory of one refine, in a fresh process
 # --------------------------------------------------------------------------------------------
 _MEMORY_CHILD = r"""
-import resource, sys, json, torch
+import sys, json, torch
 sys.path.insert(0, {bench_dir!r})
 import dsnot_kernels as dk
 from bench_refine import make_problem
@@ -106,17 +106,18 @@ if device == "cuda":
     res = dk.refine(weight, stats, cfg, backend=backend); torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
 else:
-    # current RSS before (not the earlier peak, which setup may have set); conservative
-    rss = [l for l in open("/proc/self/status") if l.startswith("VmRSS:")][0]
-    base = int(rss.split()[1]) * 1024
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec and so starts at the *parent's* RSS at fork.
+    # Extra = peak after - current RSS before (not the earlier peak setup may have set): conservative.
+    status = lambda key: int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) * 1024
+    base = status("VmRSS:")
     res = dk.refine(weight, stats, cfg, backend=backend)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = status("VmHWM:") - base
 print(json.dumps({{"peak_extra_bytes": int(peak)}}))
 """
 
 
 def peak_extra_memory(out_f, in_f, device, backend, pattern, sparsity) -> float:
-    """Peak extra bytes of one refine (CPU: growth of the peak RSS; CUDA: of peak allocated)."""
+    """Peak extra bytes of one refine (CPU: peak RSS (VmHWM) over the RSS before; CUDA: peak allocated growth)."""
     code = _MEMORY_CHILD.format(bench_dir=str(Path(__file__).resolve().parent),
                                 args=(out_f, in_f, device, backend, pattern, sparsity))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -194,8 +195,6 @@ def main(argv=None) -> int:
             bytes_moved = weight.numel() * weight.element_size() + 3 * in_f * 4 + weight.numel()
             reference = None
             for name in names:
-                if name == "ext" and not nm:
-                    continue
                 holder = {}
 
                 def run(name=name):
