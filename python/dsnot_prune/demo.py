@@ -73,8 +73,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(fmt.format(name, f"{ppl:.2f}", "-" if prune_s is None else f"{prune_s:.1f}",
                          "-" if refine_s is None else f"{refine_s:.1f}", f"{eval_s:.1f}"))
     swaps = ", ".join(f"{r['mean_swaps_refined']:.1f} ({a.preset})" for a, r in zip(dsnot_args, dsnots))
-    print(f"\n{wanda['sparsity']:.1%} of the decoder linear weights are zero; DSnoT refined "
-          f"{', '.join(dsnots[0]['refined_sublayers'])} (MLP kept its Wanda mask, as in the original); "
+    refined = "; ".join(f"{a.preset}: {', '.join(r['refined_sublayers']) or 'none'}"
+                        + (f" (kept the Wanda mask: {', '.join(r['unrefined_sublayers'])})" if r["unrefined_sublayers"] else "")
+                        for a, r in zip(dsnot_args, dsnots))
+    print(f"\n{wanda['sparsity']:.1%} of the decoder linear weights are zero; DSnoT refined {refined}; "
           f"mean swaps per refined row: {swaps}; backend {', '.join(dsnots[0]['backends'])}.")
     print(f"pruning = calibration capture + statistics pass + initial masks + DSnoT + pruned pass; "
           f"demo wall time {wall:.0f} s")
