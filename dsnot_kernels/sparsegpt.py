@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from .reference import initial_mask_from_score
+
 BLOCK = 128
 DAMP = 0.01
 
@@ -35,14 +37,6 @@ def _inverse_cholesky(hessian: torch.Tensor, weight: torch.Tensor):
     h_inv = torch.cholesky_inverse(lower)
     upper = torch.linalg.cholesky(h_inv, upper=True)
     return upper.to(torch.float32), dead
-
-
-def _lowest(score: torch.Tensor, count: int) -> torch.Tensor:
-    """Bool mask of the ``count`` lowest scores per row (ties: lower column)."""
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if count > 0:
-        mask.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :count], True)
-    return mask
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
@@ -69,13 +63,13 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         before = torch.zeros_like(w1)              # value of each weight when it is processed
         if not prune_m:
             per_row = math.floor(i2 * sparsity + 1e-9) - math.floor(i1 * sparsity + 1e-9)
-            mask1 = _lowest(w1 ** 2 / d1 ** 2, per_row)
+            mask1 = initial_mask_from_score(w1 ** 2 / d1 ** 2, per_row)   # lowest per row, ties: lower column
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
             if prune_m and i % prune_m == 0:
                 group = slice(i, i + prune_m)
-                mask1[:, group] = _lowest(w1[:, group] ** 2 / d1[group] ** 2, prune_n)
+                mask1[:, group] = initial_mask_from_score(w1[:, group] ** 2 / d1[group] ** 2, prune_n)
             col = w1[:, i]
             before[:, i] = col
             q = torch.where(mask1[:, i], torch.zeros_like(col), col)
