@@ -6,6 +6,7 @@ layer.
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -80,8 +81,11 @@ def _check_stats(stats: LayerStats, weight: torch.Tensor) -> None:
         if value.device != weight.device:
             raise ValueError(f"stats.{field} is on {value.device} but the layer weight is on {weight.device}; "
                              f"move them to one device (stats.to(device))")
-    if not isinstance(stats.nsamples, int) or stats.nsamples <= 0 or \
-            not isinstance(stats.ntokens, int) or stats.ntokens < stats.nsamples:
+    try:   # any integer type (numpy, torch scalars) is fine
+        nsamples, ntokens = operator.index(stats.nsamples), operator.index(stats.ntokens)
+    except TypeError:
+        nsamples = ntokens = -1
+    if nsamples <= 0 or ntokens < nsamples:
         raise ValueError(f"stats.nsamples must be a positive int and stats.ntokens >= nsamples, "
                          f"got {stats.nsamples!r}, {stats.ntokens!r}")
 
@@ -165,7 +169,7 @@ def build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConfi
         pruned_per_row=cfg.pruned_per_row(in_features), prune_n=n, prune_m=m,
         cycles=cfg.cycles_for(in_features), threshold=float(cfg.update_threshold),
         sign_check=cfg.resolved_sign_check(), improve_check=cfg.improve_check,
-        moment_check=cfg.moment_check, seq_len=stats.ntokens / stats.nsamples)
+        moment_check=cfg.moment_check, seq_len=int(stats.ntokens) / int(stats.nsamples))
     return problem, updated
 
 

@@ -5,7 +5,7 @@
 | reference   | the oracle, original-style (sorts, sync/cycle)  | dsnot_kernels.reference      |
 | torch       | top-T selections, chunked, no per-cycle sync    | dsnot_kernels.torch_fast     |
 | triton      | fused kernels, one launch per layer group       | dsnot_kernels.ops            |
-| ext         | compiled swap loop (C++ CPU; CUDA: N:M, unstr.) | dsnot_kernels.ext            |
+| ext         | compiled refinement (C++ CPU: N:M, unstr.; CUDA: N:M) | dsnot_kernels.ext |
 
 Heavy modules (triton, the compiled extension) are imported only when first asked for, so
 ``import dsnot_kernels`` stays lean.
@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional, Union
 import torch
 
 from .problem import RefineOutput, RefineProblem
+from .types import parse_pattern
 
 BACKENDS = ("reference", "torch", "triton", "ext")
 
@@ -73,7 +74,7 @@ def unavailable_reason(name: str, device: Union[torch.device, str] = "cpu", nm: 
 def available_backends(device: Union[torch.device, str] = "cpu",
                        pattern: str = "2:4") -> Dict[str, Union[bool, str]]:
     """Backend name -> ``True``, or the reason it cannot run for ``pattern`` on ``device``."""
-    nm = pattern != "unstructured"
+    nm = parse_pattern(pattern)[1] > 0
     return {name: (unavailable_reason(name, device, nm) or True) for name in BACKENDS}
 
 

@@ -1,11 +1,12 @@
 """Plain data types of the public API: statistics, configuration, results.
 
 Nothing here computes anything heavy; validation of *values* (shapes, devices, NaN)
-happens in :mod:`dsnot_kernels.validate` when ``refine`` is called.
+happens in :func:`dsnot_kernels.api.build_problem` when ``refine`` is called.
 """
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
@@ -132,10 +133,15 @@ class RefineConfig:
     def validate(self) -> "RefineConfig":
         """Raise ``ValueError``/``TypeError`` naming the field if a setting is out of range."""
         self.nm  # parses the pattern, raising on a bad one
-        if not isinstance(self.sparsity, (int, float)) or isinstance(self.sparsity, bool):
+        if not isinstance(self.sparsity, numbers.Real) or isinstance(self.sparsity, bool):
             raise TypeError(f"sparsity must be a float in [0, 1), got {self.sparsity!r}")
         if not (0.0 <= float(self.sparsity) < 1.0) or math.isnan(float(self.sparsity)):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        for name in ("update_threshold", "pow_of_var_regrowing", "cycle_fraction"):
+            value = getattr(self, name)
+            if (value is not None or name != "cycle_fraction") and \
+                    (not isinstance(value, numbers.Real) or isinstance(value, bool)):
+                raise TypeError(f"{name} must be a float, got {value!r}")
         if self.init not in INIT_METHODS:
             raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
         if not isinstance(self.max_cycle_time, int) or isinstance(self.max_cycle_time, bool) \

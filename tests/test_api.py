@@ -405,3 +405,18 @@ def test_robust_preset_keeps_sparsegpt_masks_unless_told():
     assert dk.RefineConfig.robust(init="sparsegpt").max_cycle_time == 0
     assert dk.RefineConfig.robust(init="sparsegpt", max_cycle_time=7).max_cycle_time == 7
     assert dk.RefineConfig.robust(init="wanda").max_cycle_time == 50
+
+
+def test_numeric_types_and_named_errors(layer):
+    """numpy scalars are accepted; a non-number names its field; a bad pattern is refused everywhere."""
+    import numpy as np
+    weight, stats = layer
+    assert dk.RefineConfig(sparsity=np.float32(0.5)).validate().sparsity == 0.5
+    counted = replace(stats, nsamples=np.int64(stats.nsamples), ntokens=np.int64(stats.ntokens))
+    assert torch.equal(dk.refine(weight, counted).pruned_mask, dk.refine(weight, stats).pruned_mask)
+    for field, value in (("update_threshold", "a"), ("pow_of_var_regrowing", None), ("cycle_fraction", "x")):
+        with pytest.raises(TypeError, match=field):
+            dk.RefineConfig(**{field: value}).validate()
+    assert dk.available_backends("cpu", " Unstructured ")["reference"] is True
+    with pytest.raises(ValueError, match="pattern"):
+        dk.available_backends("cpu", "foo")

@@ -364,7 +364,9 @@ def test_save_into_non_empty_directory(capsys, tmp_path, text_file):
     (["--pattern", "4:2"], "need 1 <= N < M"),
     (["--skip", ""], "--skip must not be empty"),
     (["--dataset", "wikitext2", "--no-eval", "--nsamples", "1"], "datasets"),
-], ids=["sparsity", "pattern", "skip", "dataset-without-datasets"])
+    (["--eval-windows", "0"], "--eval-windows must be >= 1"),
+    (["--nsamples", "0"], "--nsamples must be >= 1"),
+], ids=["sparsity", "pattern", "skip", "dataset-without-datasets", "eval-windows", "nsamples"])
 def test_bad_options(argv, match, capsys, tmp_path, text_file, tokenizer, monkeypatch):
     if "wikitext2" in argv:
         try:

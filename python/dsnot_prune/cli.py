@@ -15,14 +15,6 @@ from .models import DriverError
 from .pipeline import DEFAULT_PRESET, PruneArgs, run, summary
 
 
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = PruneArgs()
     p = argparse.ArgumentParser(prog="dsnot-prune", description=__doc__.split("\n\n")[0],
@@ -36,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "layers stay on the CPU and visit it one at a time")
 
     g = p.add_argument_group("pruning")
-    g.add_argument("--sparsity", type=_unit_float, default=d.sparsity,
+    g.add_argument("--sparsity", type=float, default=d.sparsity,
                    help="fraction pruned per row (unstructured; N:M fixes its own)")
     g.add_argument("--pattern", default=d.pattern, help="'unstructured' or N:M (N pruned of every M), e.g. 2:4")
     g.add_argument("--init", default=d.init, choices=("wanda", "magnitude", "sparsegpt"), help="initial mask")

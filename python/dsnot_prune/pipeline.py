@@ -444,6 +444,10 @@ def run(args: PruneArgs, model: Optional[nn.Module] = None, tokenizer=None) -> D
     data_mod.check_text_files(plan)
     if args.batch_size <= 0:
         raise DriverError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.nsamples < 1 or args.seqlen < 2:
+        raise DriverError(f"--nsamples must be >= 1 and --seqlen >= 2, got {args.nsamples} and {args.seqlen}")
+    if args.eval_windows is not None and args.eval_windows < 1:
+        raise DriverError(f"--eval-windows must be >= 1, got {args.eval_windows}")
     skip = parse_skip(args.skip_policy())
 
     clock = timed()
