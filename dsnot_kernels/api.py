@@ -125,12 +125,15 @@ def _check_initial_mask(mask: torch.Tensor, weight: torch.Tensor, cfg: RefineCon
 # problem construction
 # --------------------------------------------------------------------------------------------
 def build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConfig] = None,
-                  initial_mask: Optional[torch.Tensor] = None
+                  initial_mask: Optional[torch.Tensor] = None, *,
+                  shared_from: Optional[RefineProblem] = None
                   ) -> Tuple[RefineProblem, Optional[torch.Tensor]]:
     """Validate the inputs and prepare the backend-independent problem.
 
     Returns ``(problem, updated_weight)``; ``updated_weight`` is SparseGPT's ``[out, in]``
     weights in the layer's dtype (pruned entries not zeroed) for ``init="sparsegpt"``, else None.
+    ``shared_from``: a problem already built from the same ``stats`` (``refine_many``), whose
+    checked statistics values and column factors are reused instead of recomputed.
     """
     cfg = RefineConfig() if cfg is None else cfg
     if not isinstance(cfg, RefineConfig):
@@ -138,8 +141,11 @@ def build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConfi
     cfg.validate()
     weight = _weight_of(layer)
     _check_stats(stats, weight)
-    _check_values([("layer weight", weight, False), ("stats.sum_metric_row", stats.sum_metric_row, False),
-                   ("stats.scaler_row", stats.scaler_row, True), ("stats.var", stats.var, True)])
+    value_checks = [("layer weight", weight, False)]
+    if shared_from is None:
+        value_checks += [("stats.sum_metric_row", stats.sum_metric_row, False),
+                         ("stats.scaler_row", stats.scaler_row, True), ("stats.var", stats.var, True)]
+    _check_values(value_checks)
     n, m = cfg.nm
     in_features = weight.shape[1]
     if m and in_features % m:
@@ -147,8 +153,11 @@ def build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConfi
     if initial_mask is not None:
         initial_mask = _check_initial_mask(initial_mask, weight, cfg)
 
-    s, sqrt_q, var_pow = column_factors(stats.sum_metric_row, stats.scaler_row, stats.var,
-                                        cfg.pow_of_var_regrowing)
+    if shared_from is None:
+        s, sqrt_q, var_pow = column_factors(stats.sum_metric_row, stats.scaler_row, stats.var,
+                                            cfg.pow_of_var_regrowing)
+    else:
+        s, sqrt_q, var_pow = shared_from.sum_metric_row, shared_from.sqrt_scaler_row, shared_from.var_pow
     init_col_scale, init_score, updated = None, None, None
     if cfg.init == "sparsegpt":
         hessian = _check_hessian(stats, weight)
@@ -215,8 +224,10 @@ def refine_many(layers: Sequence[LayerLike], stats: LayerStats, cfg: Optional[Re
     if initial_masks is not None and len(initial_masks) != len(layers):
         raise ValueError(f"initial_masks must have one entry per layer ({len(layers)}), got {len(initial_masks)}")
     masks = list(initial_masks) if initial_masks is not None else [None] * len(layers)
-    parts = [build_problem(layer, stats, cfg, mask) for layer, mask in zip(layers, masks)]
+    parts = [build_problem(layers[0], stats, cfg, masks[0])]
     first = parts[0][0]
+    parts += [build_problem(layer, stats, cfg, mask, shared_from=first)        # stats checked once
+              for layer, mask in zip(layers[1:], masks[1:])]
     for i, (problem, _) in enumerate(parts):
         if problem.cols != first.cols or problem.weight.dtype != first.weight.dtype:
             raise ValueError(f"layers[{i}] has in_features={problem.cols}, dtype={problem.weight.dtype}; "
