@@ -199,13 +199,19 @@ def test_pipeline_prunes_saves_and_reloads(kind, pattern, init, dtype, text_file
     assert math.isfinite(report["ppl"]) and report["ppl"] > 1
     for stage in ("load", "calibration", "statistics", "initial_masks", "refine", "propagation", "evaluation", "total"):
         assert report["timings"][stage] >= 0, stage
-    # default skip policy is the preset's: robust (the default) refines every sublayer
+    # no --preset: robust for unstructured (every sublayer refined), original for N:M (MLP skipped)
     entries = report["sublayers"]
     assert len(entries) == len(_decoder_linears(model))
-    assert args.skip is None and args.skip_policy() == "none"
-    if init == "sparsegpt":   # the robust preset keeps SparseGPT's masks (README, "DSnoT that helps")
+    assert args.preset is None and args.skip is None
+    assert report["config"]["preset"] == ("original" if pattern == "2:4" else "robust")
+    if pattern == "2:4":
+        assert args.skip_policy() == "mlp"
+        assert {e["kind"] for e in entries if e["refined"]} == {"attn"}
+        assert all(e["mean_swaps"] == 0 for e in entries if not e["refined"])
+    elif init == "sparsegpt":   # the robust preset keeps SparseGPT's masks (README, "DSnoT that helps")
         assert not any(e["refined"] for e in entries)
     else:
+        assert args.skip_policy() == "none"
         assert {e["kind"] for e in entries if e["refined"]} == {"attn", "mlp"}
         assert all(e["refined"] for e in entries)
     for e in entries:
@@ -435,6 +441,8 @@ def test_default_skip_follows_the_preset(text_file, tokenizer):
     assert PruneArgs(preset="original").skip_policy() == "mlp"
     assert PruneArgs(preset="robust").skip_policy() == "none"
     assert PruneArgs(preset="original", skip="attn").skip_policy() == "attn"
+    assert PruneArgs().preset_name() == "robust" and PruneArgs(pattern="2:4").preset_name() == "original"
+    assert PruneArgs(pattern="2:4", preset="robust").preset_name() == "robust"
     report = run(_args(text_file, preset="original", eval=False), model=make_model("llama"), tokenizer=tokenizer)
     assert {e["kind"] for e in report["sublayers"] if e["refined"]} == {"attn"}
     assert all(e["mean_swaps"] == 0 for e in report["sublayers"] if not e["refined"])
