@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(r"""
         sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", scale_ptr="*fp32", iscore_ptr="*fp32",
                    params_ptr="*fp64", mask_ptr="*u8", e_ptr="*fp64", queue_ptr="*i32",
                    qd_ptr="*fp32", qa_ptr="*fp32",
-                   swaps_ptr="*i32", e_out_ptr="*fp64", rows="i32", cols="i32", stride_w="i32",
+                   swaps_ptr="*i32", e_before_ptr="*fp32", e_out_ptr="*fp32", rows="i32", cols="i32", stride_w="i32",
                    stride_is="i32", stride_m="i32", cycles="i32")
         nm = case == "cycles-nm"
         const = dict(IS_NM=nm, M=4 if nm else 1, MPAD=4 if nm else 1, HAS_SCORE=False,

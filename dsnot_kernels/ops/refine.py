@@ -48,8 +48,11 @@ def _check(problem: RefineProblem) -> None:
         raise ValueError(f"problem.prune_m={problem.prune_m} must divide in_features={w.shape[1]}")
 
 
-def _num_warps(block: int) -> int:
-    # about 16 elements per thread per row tensor: 8 warps at in = 4096, 32 at in = 16384
+def _num_warps(block: int, nm: bool) -> int:
+    # about 16 elements per thread per row tensor: 8 warps at in = 4096, 32 at in = 16384;
+    # N:M rows of <= 4096 run best on 4 (measured on an H100, benchmarks/profile_refine.py --sweep)
+    if nm and block <= 4096:
+        return 4
     return max(4, min(32, block // 512))
 
 
@@ -70,10 +73,10 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     device = w.device
     mask = torch.empty(rows, cols, dtype=torch.bool, device=device)
     e0 = torch.empty(rows, dtype=torch.float64, device=device)
-    swaps = torch.zeros(rows, dtype=torch.int32, device=device)
+    swaps = torch.empty(rows, dtype=torch.int32, device=device)
     if rows == 0 or cols == 0:
         empty = torch.zeros(rows, dtype=torch.float32, device=device)
-        return RefineOutput(mask, swaps, empty, empty.clone())
+        return RefineOutput(mask, swaps.zero_(), empty, empty.clone())
 
     nm = problem.is_nm
     n, m = (problem.prune_n, problem.prune_m) if nm else (0, 0)
@@ -112,15 +115,14 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
         IS_NM=nm, N=n, M=max(m, 1), GPAD=gpad, MPAD=mpad,
         HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
         NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a,
-        num_warps=num_warps or _num_warps(block), enable_fp_fusion=False,
+        num_warps=num_warps or _num_warps(block, nm), enable_fp_fusion=False,
     )
-    error_before = e0.to(torch.float32)
     if cycles == 0:
-        return RefineOutput(mask, swaps, error_before, error_before.clone())
+        error_before = e0.to(torch.float32)
+        return RefineOutput(mask, swaps.zero_(), error_before, error_before.clone())
 
-    e_out = torch.empty_like(e0)
-    params = torch.tensor([float(problem.threshold), float(problem.seq_len)], dtype=torch.float64,
-                          device=device)
+    error_before = torch.empty(rows, dtype=torch.float32, device=device)
+    error_after = torch.empty(rows, dtype=torch.float32, device=device)
     hpad = _pow2(cycles) if nm else 1
     # rows per program: 128 lanes, fewer when the N:M history/rank tiles get wide
     budget = max(1, min(128, 4096 // (hpad * (mpad * mpad if nm else 1))))
@@ -129,8 +131,8 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
         block_r = _pow2(block_rows)
     cycles_kernel[(triton.cdiv(rows, block_r),)](
         w, problem.sum_metric_row, problem.sqrt_scaler_row, scale,
-        iscore if iscore is not None else dummy_f, params,
-        mask_u8, e0, queues, qd, qa, swaps, e_out,
+        iscore if iscore is not None else dummy_f, _params(problem, device),
+        mask_u8, e0, queues, qd, qa, swaps, error_before, error_after,
         rows, cols, w.stride(0), iscore.stride(0) if iscore is not None else 0, mask.stride(0), cycles,
         IS_NM=nm, M=max(m, 1), MPAD=mpad if nm else 1, HAS_SCORE=iscore is not None,
         SIGN_CHECK=bool(problem.sign_check), IMPROVE_CHECK=bool(problem.improve_check),
@@ -138,4 +140,23 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
         NQ=nq, TPAD=tpad, HPAD=hpad, BLOCK_R=block_r,
         num_warps=4 if block_r >= 128 else 1 if block_r <= 32 else 2, enable_fp_fusion=False,
     )
-    return RefineOutput(mask, swaps, error_before, e_out.to(torch.float32))
+    return RefineOutput(mask, swaps, error_before, error_after)
+
+
+_PARAMS_CACHE: dict = {}
+
+
+def _params(problem: RefineProblem, device: torch.device) -> torch.Tensor:
+    """``[τ, L]`` as a float64 device tensor (a Python float argument would arrive as float32).
+
+    Cached per value and device: building it costs a host-to-device copy, and a layer-wise run
+    asks for the same two numbers hundreds of times.
+    """
+    key = (float(problem.threshold), float(problem.seq_len), str(device))
+    params = _PARAMS_CACHE.get(key)
+    if params is None:
+        if len(_PARAMS_CACHE) > 64:
+            _PARAMS_CACHE.clear()
+        params = torch.tensor(key[:2], dtype=torch.float64, device=device)
+        _PARAMS_CACHE[key] = params
+    return params

@@ -1,7 +1,8 @@
 """Kernel 2 of 2: every swap cycle of SPEC §4 (unstructured) / §5 (N:M), rows as lanes.
 
 One program owns ``BLOCK_R`` rows, one row per lane; all cycles run in one launch with no
-host synchronisation (the loop ends when every lane has stopped or after ``T`` cycles).
+host synchronisation (the loop ends when every lane has stopped or after ``T`` cycles). It
+writes the row errors before and after as float32 (the float64 ``e`` stays in registers).
 Per cycle and row (float32 scores, float64 error):
 
     active &= |e| > τ;  pos = e > 0
@@ -37,7 +38,7 @@ from ._common import ordered_key, sign_f64
 @triton.jit
 def cycles_kernel(
     w_ptr, s_ptr, sq_ptr, scale_ptr, iscore_ptr, params_ptr,
-    mask_ptr, e_ptr, queue_ptr, qd_ptr, qa_ptr, swaps_ptr, e_out_ptr,
+    mask_ptr, e_ptr, queue_ptr, qd_ptr, qa_ptr, swaps_ptr, e_before_ptr, e_out_ptr,
     rows, cols, stride_w, stride_is, stride_m, cycles,
     IS_NM: tl.constexpr, M: tl.constexpr, MPAD: tl.constexpr, HAS_SCORE: tl.constexpr,
     SIGN_CHECK: tl.constexpr, IMPROVE_CHECK: tl.constexpr, MOMENT_CHECK: tl.constexpr,
@@ -48,6 +49,7 @@ def cycles_kernel(
     threshold = tl.load(params_ptr)          # τ and L as float64 (a float argument would be fp32)
     seq_len = tl.load(params_ptr + 1)
     e = tl.load(e_ptr + r, mask=live, other=0.0)
+    tl.store(e_before_ptr + r, e.to(tl.float32), mask=live)
     sign0 = sign_f64(e)
     active = live
     ptr_gp = tl.zeros([BLOCK_R], dtype=tl.int32)
@@ -149,4 +151,4 @@ def cycles_kernel(
         tl.store(row_mask + hist_g, tl.zeros([BLOCK_R, HPAD], dtype=tl.int8), mask=hist_g >= 0)
         tl.store(row_mask + hist_p, tl.full([BLOCK_R, HPAD], 1, dtype=tl.int8), mask=hist_p >= 0)
     tl.store(swaps_ptr + r, swaps, mask=live)
-    tl.store(e_out_ptr + r, e, mask=live)
+    tl.store(e_out_ptr + r, e.to(tl.float32), mask=live)

@@ -1,0 +1,81 @@
+"""Where does one ``refine`` spend its time on CUDA? Kernel-by-kernel breakdown (torch.profiler).
+
+    python benchmarks/profile_refine.py --backend triton --shapes 4096x4096,11008x4096
+    python benchmarks/profile_refine.py --sweep      # also try select/cycles launch knobs
+
+Prints, per shape and pattern: the wall time of ``dk.refine`` (median of repeats, synchronised),
+the GPU time of each kernel launched by one call (profiler), and the host time left over.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import dsnot_kernels as dk
+from bench_refine import make_problem  # noqa: E402
+
+
+def wall(fn, repeats: int = 10) -> float:
+    fn(); torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); fn(); torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def kernel_times(fn, repeats: int = 5) -> dict:
+    fn(); torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    totals = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            totals[ev.name[:60]] += ev.device_time_total / repeats
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008")
+    ap.add_argument("--patterns", default="unstructured,2:4")
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_refine.py profiles CUDA kernels: it needs a CUDA GPU (none found)")
+    from dsnot_kernels.api import build_problem
+    from dsnot_kernels.ops.refine import refine_triton
+    for shape in args.shapes.split(","):
+        out_f, in_f = (int(x) for x in shape.split("x"))
+        weight, stats = make_problem(out_f, in_f, "cuda")
+        for pattern in args.patterns.split(","):
+            cfg = dk.RefineConfig(sparsity=0.6 if pattern == "unstructured" else 0.5, pattern=pattern)
+            t_all = wall(lambda: dk.refine(weight, stats, cfg, backend=args.backend))
+            t_build = wall(lambda: build_problem(weight, stats, cfg))
+            problem, _ = build_problem(weight, stats, cfg)
+            print(f"\n== {shape} {pattern} {args.backend}: refine {t_all*1e3:.3f} ms, "
+                  f"build_problem {t_build*1e3:.3f} ms", flush=True)
+            if args.backend == "triton":
+                t_tr = wall(lambda: refine_triton(problem))
+                print(f"   refine_triton {t_tr*1e3:.3f} ms", flush=True)
+            for name, us in kernel_times(lambda: dk.refine(weight, stats, cfg, backend=args.backend)).items():
+                print(f"   {us/1e3:8.3f} ms  {name}")
+            if args.sweep and args.backend == "triton":
+                for knob in ("num_warps",):
+                    for nw in (4, 8, 16, 32):
+                        try:
+                            t = wall(lambda: refine_triton(problem, **{knob: nw}), repeats=5)
+                            print(f"   sweep {knob}={nw}: {t*1e3:.3f} ms", flush=True)
+                        except Exception as exc:  # noqa: BLE001
+                            print(f"   sweep {knob}={nw}: {type(exc).__name__} {exc}"[:200])
+
+if __name__ == "__main__":
+    main()
