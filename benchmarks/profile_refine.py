@@ -69,13 +69,17 @@ def main() -> None:
             for name, us in kernel_times(lambda: dk.refine(weight, stats, cfg, backend=args.backend)).items():
                 print(f"   {us/1e3:8.3f} ms  {name}")
             if args.sweep and args.backend == "triton":
-                for knob in ("num_warps",):
-                    for nw in (4, 8, 16, 32):
+                t = wall(lambda: refine_triton(problem, select="rows"), repeats=5)
+                print(f"   sweep select=rows (one row per program): {t*1e3:.3f} ms", flush=True)
+                for chunk in (512, 1024, 2048):
+                    for per_sm in (2, 4, 8):
                         try:
-                            t = wall(lambda: refine_triton(problem, **{knob: nw}), repeats=5)
-                            print(f"   sweep {knob}={nw}: {t*1e3:.3f} ms", flush=True)
+                            t = wall(lambda: refine_triton(problem, select="stream", chunk=chunk,
+                                                           programs_per_sm=per_sm), repeats=5)
+                            print(f"   sweep select=stream chunk={chunk} programs_per_sm={per_sm}: "
+                                  f"{t*1e3:.3f} ms", flush=True)
                         except Exception as exc:  # noqa: BLE001
-                            print(f"   sweep {knob}={nw}: {type(exc).__name__} {exc}"[:200])
+                            print(f"   sweep chunk={chunk} per_sm={per_sm}: {type(exc).__name__} {exc}"[:200])
 
 if __name__ == "__main__":
     main()

@@ -24,11 +24,23 @@ SCRIPT = textwrap.dedent(r"""
     from triton.compiler import ASTSource
     from dsnot_kernels.ops.refine_cycles import cycles_kernel
     from dsnot_kernels.ops.refine_select import select_kernel
+    from dsnot_kernels.ops.refine_select_stream import select_stream_kernel
     from dsnot_kernels.ops.stats_kernel import stats_kernel
 
     case, cc = sys.argv[1], int(sys.argv[2])
     W = "*" + sys.argv[3]
-    if case.startswith("select"):
+    if case.startswith("stream"):
+        fn, warps = select_stream_kernel, 4
+        sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
+                   iscore_ptr="*fp32", imask_ptr="*u8", mask_ptr="*u8", e0_ptr="*fp64",
+                   queue_ptr="*i32", qd_ptr="*fp32", qa_ptr="*fp32", key_ptr="*i32", set_ptr="*i8",
+                   scratch_ptr="*i64", rows="i32", cols="i32", stride_w="i32", stride_is="i32",
+                   stride_im="i32", stride_m="i32", pruned_per_row="i32", depth="i32")
+        nm = case == "stream-nm"
+        const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, MPAD=4 if nm else 16384,
+                     HAS_MASK=False, HAS_SCORE=False, NQ=2 if nm else 4, TPAD=64, CAP=128,
+                     STORE_A=not nm, CHUNK=1024)
+    elif case.startswith("select"):
         fn, warps = select_kernel, 8
         sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
                    iscore_ptr="*fp32", imask_ptr="*u8", mask_ptr="*u8", e0_ptr="*fp64",
@@ -62,7 +74,8 @@ SCRIPT = textwrap.dedent(r"""
                           local=ptx.count("st.local"), shared=k.metadata.shared)))
 """)
 
-CASES = [("select-unstructured", "fp16"), ("select-nm", "bf16"), ("cycles-unstructured", "fp16"),
+CASES = [("select-unstructured", "fp16"), ("select-nm", "bf16"), ("stream-unstructured", "fp16"),
+         ("stream-nm", "bf16"), ("cycles-unstructured", "fp16"),
          ("cycles-nm", "fp32"), ("stats", "fp16")]
 
 

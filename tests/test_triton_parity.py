@@ -43,9 +43,9 @@ def _layer(out, inn, dtype, seed=0, hessian=False):
     return w.to(DEVICE), stats.to(DEVICE) if hasattr(stats, "to") else stats
 
 
-def _check(w, stats, cfg, label, cap=256, initial_mask=None, want_swaps=True):
+def _check(w, stats, cfg, label, cap=256, initial_mask=None, want_swaps=True, **knobs):
     problem, expected = reference_output(w, stats, cfg, initial_mask)
-    actual = refine_triton(problem, cap=cap)
+    actual = refine_triton(problem, cap=cap, **knobs)
     assert_same_output(expected, actual, label)
     if want_swaps:
         assert float(expected.swaps.float().mean()) > 0, f"{label}: no swaps happened, the test is vacuous"
@@ -79,7 +79,8 @@ def test_robust_checks(pattern):
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "4:8"])
-def test_given_initial_mask(pattern):
+@pytest.mark.parametrize("select", ["rows", "stream"])
+def test_given_initial_mask(pattern, select):
     w, stats = _layer(10, 64, "fp32", seed=3)
     gen = torch.Generator().manual_seed(3)
     if pattern == "unstructured":
@@ -88,22 +89,25 @@ def test_given_initial_mask(pattern):
         order = torch.rand(10, 8, 8, generator=gen).argsort(-1)
         mask = (order < 4).reshape(10, 64)
     cfg = dk.RefineConfig(sparsity=0.5, pattern=pattern, max_cycle_time=8, update_threshold=0.01)
-    _check(w, stats, cfg, f"{pattern}-given-mask", initial_mask=mask.to(DEVICE))
+    _check(w, stats, cfg, f"{pattern}-given-mask-{select}", initial_mask=mask.to(DEVICE), select=select,
+           chunk=16)
 
 
 @pytest.mark.parametrize("init,pattern", [("magnitude", "unstructured"), ("magnitude", "2:4"),
                                           ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")])
-def test_init_methods(init, pattern):
+@pytest.mark.parametrize("select", ["rows", "stream"])
+def test_init_methods(init, pattern, select):
     w, stats = _layer(8, 64, "fp32", seed=4, hessian=init == "sparsegpt")
     cfg = dk.RefineConfig(sparsity=0.5, pattern=pattern, init=init, max_cycle_time=8,
                           update_threshold=0.01)
-    _check(w, stats, cfg, f"{init}-{pattern}")
+    _check(w, stats, cfg, f"{init}-{pattern}-{select}", select=select, chunk=32)
 
 
 @pytest.mark.parametrize("pattern,init,cap", [("unstructured", "wanda", 8), ("unstructured", "magnitude", 256),
                                               ("2:4", "magnitude", 8)],
                          ids=["unstructured-wanda-cap8", "unstructured-magnitude", "2:4-magnitude-cap8"])
-def test_heavy_ties(pattern, init, cap):
+@pytest.mark.parametrize("select", ["rows", "stream"])
+def test_heavy_ties(pattern, init, cap, select):
     """Few distinct weights and column factors: scores tie in whole blocks, so the selections
     must fall back to the column order (the int64 key rule) inside a tie block."""
     gen = torch.Generator().manual_seed(8)
@@ -115,7 +119,19 @@ def test_heavy_ties(pattern, init, cap):
                           ntokens=128).to(DEVICE)
     cfg = dk.RefineConfig(sparsity=0.55, pattern=pattern, init=init, max_cycle_time=20,
                           update_threshold=0.01)
-    _check(w, stats, cfg, f"ties-{pattern}-{init}", cap=cap)
+    _check(w, stats, cfg, f"ties-{pattern}-{init}-{select}", cap=cap, select=select, chunk=64)
+
+
+@pytest.mark.parametrize("select,chunk", [("rows", 1024), ("stream", 32), ("stream", 64)])
+@pytest.mark.parametrize("pattern,sparsity,cap", [("unstructured", 0.6, 256), ("unstructured", 0.5, 16),
+                                                  ("2:4", 0.5, 256), ("4:8", 0.5, 32)])
+def test_both_select_kernels(select, chunk, pattern, sparsity, cap):
+    """``select="auto"`` uses one kernel per pattern/width; both must equal the reference for
+    every pattern. Chunks smaller than the row (and rows > programs, under the interpreter:
+    3 programs) exercise the streamed kernel's loops and its reuse of scratch across rows."""
+    w, stats = _layer(11, 72, "fp16", seed=5)
+    cfg = dk.RefineConfig(sparsity=sparsity, pattern=pattern, update_threshold=0.01)
+    _check(w, stats, cfg, f"{select}-{chunk}-{pattern}-{sparsity}-{cap}", cap=cap, select=select, chunk=chunk)
 
 
 def test_zero_cycles_and_zero_sparsity():

@@ -1,6 +1,7 @@
 """Host side of the ``"triton"`` backend: :func:`refine_triton` launches the two kernels.
 
     select_kernel  grid (rows,)                       scores, initial mask, e0, top-T queues
+      or select_stream_kernel  grid (SMs x 8,)        the same, programs looping over rows
     cycles_kernel  grid (ceil(rows / BLOCK_R),)       all swap cycles, in registers
 
 Two launches per :class:`RefineProblem` whatever its size: ``refine_many`` stacks the rows of
@@ -17,6 +18,7 @@ import triton
 from ..problem import RefineOutput, RefineProblem
 from .refine_cycles import cycles_kernel
 from .refine_select import select_kernel
+from .refine_select_stream import select_stream_kernel
 
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_CAP = 128          # keys kept per queue before the bitonic sort (>= the queue depth)
@@ -48,6 +50,14 @@ def _check(problem: RefineProblem) -> None:
         raise ValueError(f"problem.prune_m={problem.prune_m} must divide in_features={w.shape[1]}")
 
 
+def _stream_programs(device: torch.device, per_sm: int) -> int:
+    """Programs of the streamed select kernel: ``per_sm`` per SM (3 under the interpreter, so
+    that tests exercise programs that loop over several rows)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count * max(1, int(per_sm))
+
+
 def _num_warps(block: int, nm: bool) -> int:
     # about 16 elements per thread per row tensor: 8 warps at in = 4096, 32 at in = 16384;
     # N:M rows of <= 4096 run best on 4 (measured on an H100, benchmarks/profile_refine.py --sweep)
@@ -57,15 +67,22 @@ def _num_warps(block: int, nm: bool) -> int:
 
 
 def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
-                  num_warps: int | None = None, block_rows: int | None = None) -> RefineOutput:
+                  num_warps: int | None = None, block_rows: int | None = None,
+                  select: str = "auto", programs_per_sm: int = 8, chunk: int = 1024) -> RefineOutput:
     """SPEC §2-§5 for every row of ``problem`` in two Triton launches; exactly the reference.
 
     ``cap`` (a power of two) bounds the keys per queue that are sorted; it only changes speed
-    (tests lower it to exercise the threshold search). ``num_warps`` overrides the warps of the
-    select kernel and ``block_rows`` the rows per program of the cycles kernel (tuning knobs;
-    ``None`` = the defaults).
+    (tests lower it to exercise the threshold search). ``select`` picks kernel 1: ``"rows"``
+    (:mod:`.refine_select`, one program per row, the row in registers), ``"stream"``
+    (:mod:`.refine_select_stream`, ``programs_per_sm`` programs per SM looping over rows,
+    ``chunk`` columns at a time) or ``"auto"``: rows for unstructured rows of <= 4096 columns,
+    stream otherwise (the faster one on an H100 for each; benchmarks/profile_refine.py
+    --sweep). ``num_warps`` overrides the warps of kernel 1 and ``block_rows`` the rows per
+    program of the cycles kernel (tuning knobs; ``None`` = the defaults).
     """
     _check(problem)
+    if select not in ("auto", "rows", "stream"):
+        raise ValueError(f"select must be 'auto', 'rows' or 'stream', got {select!r}")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps}")
     w = problem.weight.contiguous()
@@ -96,27 +113,49 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     qd = torch.empty(rows, nq, tpad, dtype=torch.float32, device=device)     # D of each entry
     store_a = bool(problem.moment_check) and not nm
     qa = torch.empty(rows, nq, tpad, dtype=torch.float32, device=device) if store_a else qd
-    scratch = torch.empty(rows, nq * cap, dtype=torch.int64, device=device)
 
     dummy_f = problem.sum_metric_row
     scale = problem.init_col_scale if problem.init_col_scale is not None else dummy_f
     iscore = problem.init_score.contiguous() if problem.init_score is not None else None
     imask = problem.initial_mask.contiguous() if problem.initial_mask is not None else None
     mask_u8 = mask.view(torch.uint8)
-    block = gpad * mpad
-    select_kernel[(rows,)](
-        w, problem.sum_metric_row, problem.sqrt_scaler_row, problem.var_pow, scale,
-        iscore if iscore is not None else dummy_f,
-        imask.view(torch.uint8) if imask is not None else mask_u8,
-        mask_u8, e0, queues, qd, qa, scratch,
-        cols, w.stride(0), iscore.stride(0) if iscore is not None else 0,
-        imask.stride(0) if imask is not None else 0, mask.stride(0),
-        int(problem.pruned_per_row), depth,
-        IS_NM=nm, N=n, M=max(m, 1), GPAD=gpad, MPAD=mpad,
-        HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
-        NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a,
-        num_warps=num_warps or _num_warps(block, nm), enable_fp_fusion=False,
-    )
+    if select == "auto":
+        select = "stream" if nm or _pow2(cols) > 4096 else "rows"
+    if select == "stream":
+        nprog = min(rows, _stream_programs(device, programs_per_sm))
+        chunk = max(mpad if nm else 1, min(_pow2(chunk), _pow2(cols)))
+        keys = torch.empty(nprog, cols, dtype=torch.int32, device=device)
+        sets = torch.empty(nprog, cols, dtype=torch.int8, device=device)
+        lines = torch.empty(nprog, nq * cap, dtype=torch.int64, device=device)
+        select_stream_kernel[(nprog,)](
+            w, problem.sum_metric_row, problem.sqrt_scaler_row, problem.var_pow, scale,
+            iscore if iscore is not None else dummy_f,
+            imask.view(torch.uint8) if imask is not None else mask_u8,
+            mask_u8, e0, queues, qd, qa, keys, sets, lines,
+            rows, cols, w.stride(0), iscore.stride(0) if iscore is not None else 0,
+            imask.stride(0) if imask is not None else 0, mask.stride(0),
+            int(problem.pruned_per_row), depth,
+            IS_NM=nm, N=n, M=max(m, 1), MPAD=mpad,
+            HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
+            NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, CHUNK=chunk,
+            num_warps=num_warps or 4, enable_fp_fusion=False,
+        )
+    else:
+        scratch = torch.empty(rows, nq * cap, dtype=torch.int64, device=device)
+        block = gpad * mpad
+        select_kernel[(rows,)](
+            w, problem.sum_metric_row, problem.sqrt_scaler_row, problem.var_pow, scale,
+            iscore if iscore is not None else dummy_f,
+            imask.view(torch.uint8) if imask is not None else mask_u8,
+            mask_u8, e0, queues, qd, qa, scratch,
+            cols, w.stride(0), iscore.stride(0) if iscore is not None else 0,
+            imask.stride(0) if imask is not None else 0, mask.stride(0),
+            int(problem.pruned_per_row), depth,
+            IS_NM=nm, N=n, M=max(m, 1), GPAD=gpad, MPAD=mpad,
+            HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
+            NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a,
+            num_warps=num_warps or _num_warps(block, nm), enable_fp_fusion=False,
+        )
     if cycles == 0:
         error_before = e0.to(torch.float32)
         return RefineOutput(mask, swaps.zero_(), error_before, error_before.clone())

@@ -1,0 +1,271 @@
+"""Kernel 1 of 2 (streamed form): scores, initial mask, row error and top-``T`` queues.
+
+Same outputs as :mod:`refine_select` (SPEC §2-§5), organised for occupancy instead of keeping a
+row in registers. A fixed number of programs (``grid = SMs x programs per SM``) loop over the
+rows; each program owns a scratch line of ``in`` int32 *keys* and ``in`` int8 *set ids* and
+walks the row in ``CHUNK``-column chunks. Every selection pass re-reads the line (L1/L2
+resident: a few tens of KB per program) instead of holding the row in registers, so a program
+needs few registers, several programs share an SM, and their reduction chains overlap.
+
+Per row:
+
+1. unstructured, no given mask: keys = ordered_int32(init score) -> the exact ``k``-th key
+   by :func:`_search` (interpolation/bisection on streamed counts, tie split by column);
+2. one pass per chunk: the initial mask (threshold / given mask / N:M group rank) is written,
+   ``e0 = Σ_{pruned} (double) D`` accumulated, and each weight's queue id and queue key stored
+   (``D = w*S``, ``G = div_rn(D, V^p)``, ``A = |w|*sqrt(Q)``):
+   q0 grow+ (pruned, G > 0, key ~ord(G), tie -col), q1 grow- (pruned, G < 0, ord(G), col),
+   q2 prune- (kept, D < 0, ord(A), col), q3 prune+ (kept, D > 0, ord(A), col);
+3. per queue: :func:`_search` for a threshold keeping ``depth..CAP`` members, one pass that
+   compacts them (int64 key = key * 2^32 + tie, ascending = pop order) into the queue's
+   ``[CAP]`` line; then one ``[NQ, CAP]`` ``tl.sort`` and the first ``TPAD`` entries written
+   with their ``D`` (and ``A``), ``-1`` past the end.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import INT32_MAX, INT32_MIN, INT64_MAX, ordered32
+
+
+@triton.jit
+def _score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE: tl.constexpr):
+    """The init method's float32 score at ``col`` of this row (SPEC §2)."""
+    if HAS_SCORE:
+        return tl.load(iscore_row + col, mask=valid, other=0.0).to(tl.float32)
+    w = tl.load(w_row + col, mask=valid, other=0.0).to(tl.float32)
+    return tl.abs(w) * tl.load(scale_ptr + col, mask=valid, other=0.0)
+
+
+@triton.jit
+def _member(keys, sets, idx, valid, q, HAS_SET: tl.constexpr):
+    """``(key, member)`` of the chunk ``idx``: members of set ``q`` (all valid ones without sets)."""
+    v = tl.load(keys + idx, mask=valid, other=INT32_MAX)
+    member = valid
+    if HAS_SET:
+        member = member & (tl.load(sets + idx, mask=valid, other=-1) == q)
+    return v, member
+
+
+@triton.jit
+def _count(keys, sets, cols, q, t, HAS_SET: tl.constexpr, CHUNK: tl.constexpr):
+    """``#{members of set q with key <= t}`` over the line (one block reduction)."""
+    acc = tl.zeros([CHUNK], dtype=tl.int32)
+    for c0 in range(0, cols, CHUNK):
+        idx = c0 + tl.arange(0, CHUNK)
+        valid = idx < cols
+        v, member = _member(keys, sets, idx, valid, q, HAS_SET)
+        acc += tl.where(member & (v <= t), 1, 0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _count_tie(keys, sets, cols, q, value, t, NEG_TIE: tl.constexpr, HAS_SET: tl.constexpr,
+               CHUNK: tl.constexpr):
+    """``#{members of set q with key == value and tie <= t}`` (tie = col, or -col for grow+)."""
+    acc = tl.zeros([CHUNK], dtype=tl.int32)
+    for c0 in range(0, cols, CHUNK):
+        idx = c0 + tl.arange(0, CHUNK)
+        valid = idx < cols
+        v, member = _member(keys, sets, idx, valid, q, HAS_SET)
+        tie = -idx if NEG_TIE else idx
+        acc += tl.where(member & (v == value) & (tie <= t), 1, 0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _search(keys, sets, cols, q, lo_count, hi_count, NEG_TIE: tl.constexpr, HAS_SET: tl.constexpr,
+            CHUNK: tl.constexpr):
+    """``(tv, tt)``: ``sel = member & ((key < tv) | ((key == tv) & (tie <= tt)))`` has
+    ``lo_count <= #sel <= hi_count`` (all members when they are at most ``hi_count``).
+
+    The search of :func:`._common.threshold32` (interpolated probes, bisection after a probe
+    that did not halve the interval, a tie split by column), with every count streamed from
+    the program's key line.
+    """
+    # one pass: member count, smallest and largest key
+    n_acc = tl.zeros([CHUNK], dtype=tl.int32)
+    lo_acc = tl.full([CHUNK], INT32_MAX, dtype=tl.int32)
+    hi_acc = tl.full([CHUNK], INT32_MIN, dtype=tl.int32)
+    for c0 in range(0, cols, CHUNK):
+        idx = c0 + tl.arange(0, CHUNK)
+        valid = idx < cols
+        v, member = _member(keys, sets, idx, valid, q, HAS_SET)
+        n_acc += tl.where(member, 1, 0)
+        lo_acc = tl.minimum(lo_acc, tl.where(member, v, INT32_MAX))
+        hi_acc = tl.maximum(hi_acc, tl.where(member, v, INT32_MIN))
+    n = tl.sum(n_acc, axis=0)
+    lo_count = n * 0 + lo_count
+    hi_count = n * 0 + hi_count
+    lo = tl.min(lo_acc, axis=0).to(tl.int64) - 1          # count(<= lo) == 0
+    hi = tl.max(hi_acc, axis=0).to(tl.int64)              # count(<= hi) == n
+    c_lo = n * 0
+    c_hi = n
+    tv = (n * 0 + INT32_MAX).to(tl.int32)
+    tt = (n * 0 + INT32_MAX).to(tl.int32)
+    searching = n > hi_count
+    target = (lo_count + hi_count).to(tl.float64) * 0.5 + 0.5
+    bisect = n < 0
+    steps = 0
+    while searching & (hi - lo > 1) & (steps < 70):
+        span = hi - lo
+        frac = (target - c_lo.to(tl.float64)) / (c_hi - c_lo).to(tl.float64)
+        guess = lo + (span.to(tl.float64) * frac).to(tl.int64)
+        mid = tl.where(bisect, lo + span // 2, guess)
+        mid = tl.minimum(tl.maximum(mid, lo + 1), hi - 1)
+        c = _count(keys, sets, cols, q, mid.to(tl.int32), HAS_SET, CHUNK)
+        found = (c >= lo_count) & (c <= hi_count)
+        tv = tl.where(found, mid.to(tl.int32), tv)
+        searching = searching & (found == 0)
+        go_up = c < lo_count
+        lo = tl.where(go_up & searching, mid, lo)
+        c_lo = tl.where(go_up & searching, c, c_lo)
+        hi = tl.where((go_up == 0) & searching, mid, hi)
+        c_hi = tl.where((go_up == 0) & searching, c, c_hi)
+        bisect = 2 * (hi - lo) > span
+        steps += 1
+    if searching:
+        # a tie block at key hi straddles the wanted count: split it by the tie key
+        need_lo = lo_count - c_lo
+        need_hi = hi_count - c_lo
+        value = hi.to(tl.int32)
+        tlo = (n * 0 - cols - 1).to(tl.int64)               # ties are +-col, within (-cols-1, cols)
+        thi = (n * 0 + cols).to(tl.int64)
+        tt = thi.to(tl.int32)
+        tsearch = thi - tlo > 1
+        while tsearch:
+            mid = tlo + (thi - tlo) // 2
+            c = _count_tie(keys, sets, cols, q, value, mid.to(tl.int32), NEG_TIE, HAS_SET, CHUNK)
+            found = (c >= need_lo) & (c <= need_hi)
+            tt = tl.where(found, mid.to(tl.int32), tt)
+            tlo = tl.where(c < need_lo, mid, tlo)
+            thi = tl.where(c > need_hi, mid, thi)
+            tsearch = (found == 0) & (thi - tlo > 1)
+        tv = value
+    return tv, tt
+
+
+@triton.jit
+def _compact(keys, sets, lines, cols, q, tv, tt, NEG_TIE: tl.constexpr, CAP: tl.constexpr,
+             CHUNK: tl.constexpr):
+    """Store the int64 keys of the selected members of queue ``q`` into its ``[CAP]`` line."""
+    carry = 0
+    for c0 in range(0, cols, CHUNK):
+        idx = c0 + tl.arange(0, CHUNK)
+        valid = idx < cols
+        v, member = _member(keys, sets, idx, valid, q, True)
+        tie = -idx if NEG_TIE else idx
+        sel = member & ((v < tv) | ((v == tv) & (tie <= tt)))
+        pos = carry + tl.cumsum(sel.to(tl.int32), axis=0)
+        key = v.to(tl.int64) * 4294967296 + (tie.to(tl.int64) + 2147483648)
+        tl.store(lines + q * CAP + pos - 1, key, mask=sel)
+        carry += tl.sum(sel.to(tl.int32), axis=0)
+
+
+@triton.jit
+def select_stream_kernel(
+    w_ptr, s_ptr, sq_ptr, vp_ptr, scale_ptr, iscore_ptr, imask_ptr,       # inputs
+    mask_ptr, e0_ptr, queue_ptr, qd_ptr, qa_ptr,                           # outputs
+    key_ptr, set_ptr, scratch_ptr,                                         # per-program scratch
+    rows, cols, stride_w, stride_is, stride_im, stride_m, pruned_per_row, depth,
+    IS_NM: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MPAD: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_SCORE: tl.constexpr,
+    NQ: tl.constexpr, TPAD: tl.constexpr, CAP: tl.constexpr, STORE_A: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    keys = key_ptr + pid.to(tl.int64) * cols
+    sets = set_ptr + pid.to(tl.int64) * cols
+    lines = scratch_ptr + pid.to(tl.int64) * (NQ * CAP)
+    # the key pass walks [GCH, MPAD] tiles: N:M groups of M columns, or [1, CHUNK] columns
+    GCH: tl.constexpr = CHUNK // MPAD if IS_NM else 1
+    WIDTH: tl.constexpr = MPAD if IS_NM else CHUNK
+    STEP: tl.constexpr = GCH * M if IS_NM else CHUNK
+    gi = tl.arange(0, GCH)[:, None]
+    jj = tl.arange(0, WIDTH)[None, :]
+    qq = tl.arange(0, NQ)[:, None]
+    slot = tl.arange(0, CAP)[None, :]
+    for row in range(pid, rows, nprog):
+        row64 = (pid * 0 + row).to(tl.int64)     # (a tensor also under the interpreter)
+        w_row = w_ptr + row64 * stride_w
+        iscore_row = iscore_ptr + row64 * stride_is
+        tl.debug_barrier()                      # the previous row's readers of the scratch are done
+
+        # ---- SPEC §2, unstructured: the k-th smallest init-score key ---------------------
+        tv = INT32_MAX
+        tt = INT32_MAX
+        if not IS_NM:
+            if not HAS_MASK:
+                for c0 in range(0, cols, CHUNK):
+                    idx = c0 + tl.arange(0, CHUNK)
+                    valid = idx < cols
+                    sv = ordered32(_score(w_row, scale_ptr, iscore_row, idx, valid, HAS_SCORE))
+                    tl.store(keys + idx, sv, mask=valid)
+                tl.debug_barrier()
+                tv, tt = _search(keys, sets, cols, 0, pruned_per_row, pruned_per_row, False, False, CHUNK)
+                tl.debug_barrier()
+
+        # ---- the mask, e0, and each weight's queue id and key ------------------------------
+        e0 = tl.zeros([1], dtype=tl.float64)
+        for c0 in range(0, cols, STEP):
+            if IS_NM:
+                col = c0 + gi * M + jj
+                valid = (jj < M) & (col < cols)
+            else:
+                col = c0 + gi * 0 + jj
+                valid = col < cols
+            if HAS_MASK:
+                pruned = valid & (tl.load(imask_ptr + row64 * stride_im + col, mask=valid, other=0) != 0)
+            elif IS_NM:
+                sv = ordered32(_score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE))
+                rank = tl.zeros([GCH, WIDTH], dtype=tl.int32)
+                for j2 in tl.static_range(M):
+                    c2 = c0 + gi * M + j2                     # [GCH, 1]: member j2 of each group
+                    k2 = ordered32(_score(w_row, scale_ptr, iscore_row, c2, c2 < cols, HAS_SCORE))
+                    rank += tl.where((k2 < sv) | ((k2 == sv) & (c2 < col)), 1, 0)
+                pruned = valid & (rank < N)
+            else:
+                sv = tl.load(keys + col, mask=valid, other=INT32_MAX)
+                pruned = valid & ((sv < tv) | ((sv == tv) & (col <= tt))) & (pruned_per_row > 0)
+            tl.store(mask_ptr + row64 * stride_m + col, pruned.to(tl.int8), mask=valid)
+            w = tl.load(w_row + col, mask=valid, other=0.0).to(tl.float32)
+            d = w * tl.load(s_ptr + col, mask=valid, other=0.0)
+            g = tl.math.div_rn(d, tl.load(vp_ptr + col, mask=valid, other=1.0))
+            e0 += tl.sum(tl.sum(tl.where(pruned, d.to(tl.float64), 0.0), axis=1), axis=0)
+            og = ordered32(g)
+            qid = tl.where(pruned & (g > 0), 0, tl.where(pruned & (g < 0), 1, -1))
+            if NQ == 4:
+                kept = valid & (pruned == 0)
+                qid = tl.where(kept & (d < 0), 2, tl.where(kept & (d > 0), 3, qid))
+                a = tl.abs(w) * tl.load(sq_ptr + col, mask=valid, other=0.0)
+                v = tl.where(pruned, tl.where(g > 0, ~og, og), ordered32(a))
+            else:
+                v = tl.where(g > 0, ~og, og)
+            tl.store(keys + col, v, mask=valid)
+            tl.store(sets + col, qid.to(tl.int8), mask=valid)
+        tl.store(e0_ptr + row64 + tl.arange(0, 1), e0)
+        tl.store(lines + qq * CAP + slot, tl.full([NQ, CAP], INT64_MAX, tl.int64))
+        tl.debug_barrier()
+
+        # ---- SPEC §4/§5: per queue, a threshold keeping depth..CAP members, then compaction -
+        for q in tl.static_range(NQ):
+            qv, qt = _search(keys, sets, cols, q, depth, CAP, q == 0, True, CHUNK)
+            _compact(keys, sets, lines, cols, q, qv, qt, q == 0, CAP, CHUNK)
+        tl.debug_barrier()                     # the compacted keys are visible to every thread
+        head = tl.sort(tl.load(lines + qq * CAP + slot), dim=1)
+        live = head != INT64_MAX
+        hcol = ((head & 0xFFFFFFFF) - 2147483648).to(tl.int32)
+        hcol = tl.where(qq == 0, -hcol, hcol)
+        keep = live & (slot < TPAD)
+        hcol = tl.where(live, hcol, -1)
+        out = (row64 * NQ + qq) * TPAD + slot
+        tl.store(queue_ptr + out, hcol, mask=slot < TPAD)
+        # D (and A) of each queue entry, so that the cycles need no gathers from W
+        hc = tl.where(keep, hcol, 0)
+        wq = tl.load(w_row + hc, mask=keep, other=0.0).to(tl.float32)
+        tl.store(qd_ptr + out, wq * tl.load(s_ptr + hc, mask=keep, other=0.0), mask=slot < TPAD)
+        if STORE_A:
+            tl.store(qa_ptr + out, tl.abs(wq) * tl.load(sq_ptr + hc, mask=keep, other=0.0),
+                     mask=slot < TPAD)
