@@ -3,6 +3,7 @@
 | file               | kernel          | what                                                      |
 |--------------------|-----------------|-----------------------------------------------------------|
 | refine_select.py   | select_kernel   | scores, initial mask, row error, top-T candidate queues   |
+| refine_select_stream.py | select_stream_kernel | the same, programs looping over rows in chunks |
 | refine_cycles.py   | cycles_kernel   | all swap cycles (unstructured and N:M), rows as lanes     |
 | stats_kernel.py    | stats_kernel    | per-batch Σx, Σx², Σ_n M2_n of the activations (SPEC §1)   |
 | refine.py          | (host)          | :func:`refine_triton`: two launches per problem           |

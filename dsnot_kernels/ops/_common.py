@@ -42,6 +42,56 @@ def _count_le(v, member, t):
 
 
 @triton.jit
+def search_start(n, vmin, vmax, lo_count, hi_count):
+    """Initial state of a threshold search over ``n`` members with keys in ``[vmin, vmax]``:
+    ``(lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect)`` with
+    ``count(<= lo) == c_lo == 0`` and ``count(<= hi) == c_hi == n``."""
+    lo_count = n * 0 + lo_count          # tensors even when the launcher specialised them to 1
+    hi_count = n * 0 + hi_count
+    tv = (n * 0 + INT32_MAX).to(tl.int32)
+    target = (lo_count + hi_count).to(tl.float64) * 0.5 + 0.5
+    return (lo_count, hi_count, vmin.to(tl.int64) - 1, vmax.to(tl.int64), n * 0, n, tv, tv,
+            n > hi_count, target, n < 0)
+
+
+@triton.jit
+def search_probe(lo, hi, c_lo, c_hi, target, bisect):
+    """The next key to count: where linear interpolation of the counts reaches ``target``, or
+    the midpoint after a probe that did not halve the interval; always inside ``(lo, hi)``."""
+    span = hi - lo
+    frac = (target - c_lo.to(tl.float64)) / (c_hi - c_lo).to(tl.float64)
+    guess = lo + (span.to(tl.float64) * frac).to(tl.int64)
+    mid = tl.where(bisect, lo + span // 2, guess)
+    return tl.minimum(tl.maximum(mid, lo + 1), hi - 1)
+
+
+@triton.jit
+def search_step(c, mid, lo, hi, c_lo, c_hi, tv, searching, lo_count, hi_count):
+    """Narrow the bracket with ``c = count(<= mid)``; returns
+    ``(lo, hi, c_lo, c_hi, tv, searching, bisect)`` (``tv = mid`` once ``c`` is in range)."""
+    span = hi - lo
+    found = (c >= lo_count) & (c <= hi_count)
+    tv = tl.where(found, mid.to(tl.int32), tv)
+    searching = searching & (found == 0)
+    go_up = c < lo_count
+    lo = tl.where(go_up & searching, mid, lo)
+    c_lo = tl.where(go_up & searching, c, c_lo)
+    hi = tl.where((go_up == 0) & searching, mid, hi)
+    c_hi = tl.where((go_up == 0) & searching, c, c_hi)
+    return lo, hi, c_lo, c_hi, tv, searching, 2 * (hi - lo) > span
+
+
+@triton.jit
+def tie_step(c, mid, tlo, thi, tt, need_lo, need_hi):
+    """One bisection step on the tie key inside a tie block; returns ``(tlo, thi, tt, going)``."""
+    found = (c >= need_lo) & (c <= need_hi)
+    tt = tl.where(found, mid.to(tl.int32), tt)
+    tlo = tl.where(c < need_lo, mid, tlo)
+    thi = tl.where(c > need_hi, mid, thi)
+    return tlo, thi, tt, (found == 0) & (thi - tlo > 1)
+
+
+@triton.jit
 def threshold32(v, tie, member, lo_count, hi_count):
     """``(tv, tt)`` such that ``sel = member & ((v < tv) | ((v == tv) & (tie <= tt)))`` has
     ``lo_count <= #sel <= hi_count`` (1-D int32 ``v``, ``tie``; ``1 <= lo_count <= hi_count``).
@@ -57,54 +107,52 @@ def threshold32(v, tie, member, lo_count, hi_count):
     one block reduction per probe; no memory traffic.
     """
     n = tl.sum(tl.where(member, 1, 0))
-    lo_count = n * 0 + lo_count          # tensors even when the launcher specialised them to 1
-    hi_count = n * 0 + hi_count
-    lo = tl.min(tl.where(member, v, INT32_MAX)).to(tl.int64) - 1     # count(<= lo) == 0
-    hi = tl.max(tl.where(member, v, INT32_MIN)).to(tl.int64)         # count(<= hi) == n
-    c_lo = n * 0
-    c_hi = n
-    tv = (n * 0 + INT32_MAX).to(tl.int32)
-    tt = (n * 0 + INT32_MAX).to(tl.int32)
-    searching = n > hi_count
-    target = (lo_count + hi_count).to(tl.float64) * 0.5 + 0.5
-    bisect = n < 0                       # False: the first probe interpolates
+    lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
+        n, tl.min(tl.where(member, v, INT32_MAX)), tl.max(tl.where(member, v, INT32_MIN)),
+        lo_count, hi_count)
     steps = 0
     while searching & (hi - lo > 1) & (steps < 70):
-        span = hi - lo
-        frac = (target - c_lo.to(tl.float64)) / (c_hi - c_lo).to(tl.float64)
-        guess = lo + (span.to(tl.float64) * frac).to(tl.int64)
-        mid = tl.where(bisect, lo + span // 2, guess)
-        mid = tl.minimum(tl.maximum(mid, lo + 1), hi - 1)
+        mid = search_probe(lo, hi, c_lo, c_hi, target, bisect)
         c = _count_le(v, member, mid.to(tl.int32))
-        found = (c >= lo_count) & (c <= hi_count)
-        tv = tl.where(found, mid.to(tl.int32), tv)
-        searching = searching & (found == 0)
-        go_up = c < lo_count
-        lo = tl.where(go_up & searching, mid, lo)
-        c_lo = tl.where(go_up & searching, c, c_lo)
-        hi = tl.where((go_up == 0) & searching, mid, hi)
-        c_hi = tl.where((go_up == 0) & searching, c, c_hi)
-        bisect = 2 * (hi - lo) > span    # the probe did not halve the interval: bisect next
+        lo, hi, c_lo, c_hi, tv, searching, bisect = search_step(c, mid, lo, hi, c_lo, c_hi, tv,
+                                                                searching, lo_count, hi_count)
         steps += 1
     if searching:
         # tie block at value hi straddles the range: take its members with the smallest tie
         tmember = member & (v == hi.to(tl.int32))
-        need_lo = lo_count - c_lo
-        need_hi = hi_count - c_lo
         tlo = tl.min(tl.where(tmember, tie, INT32_MAX)).to(tl.int64) - 1
         thi = tl.max(tl.where(tmember, tie, INT32_MIN)).to(tl.int64)
         tt = thi.to(tl.int32)
-        tsearch = thi - tlo > 1
-        while tsearch:
+        going = thi - tlo > 1
+        while going:
             mid = tlo + (thi - tlo) // 2
             c = _count_le(tie, tmember, mid.to(tl.int32))
-            found = (c >= need_lo) & (c <= need_hi)
-            tt = tl.where(found, mid.to(tl.int32), tt)
-            tlo = tl.where(c < need_lo, mid, tlo)
-            thi = tl.where(c > need_hi, mid, thi)
-            tsearch = (found == 0) & (thi - tlo > 1)
+            tlo, thi, tt, going = tie_step(c, mid, tlo, thi, tt, lo_count - c_lo, hi_count - c_lo)
         tv = hi.to(tl.int32)
     return tv, tt
+
+
+@triton.jit
+def store_queues(head, row, w_row, s_ptr, sq_ptr, queue_ptr, qd_ptr, qa_ptr,
+                 NQ: tl.constexpr, TPAD: tl.constexpr, STORE_A: tl.constexpr):
+    """Write the first ``TPAD`` entries of each queue from its sorted keys ``head`` ``[NQ, CAP]``
+    (``INT64_MAX`` = no entry; key = ``v * 2^32 + tie + 2^31``, tie = -col for queue 0): the
+    column (``-1`` past the end), its ``D`` and, with ``STORE_A``, its ``A``, so that the cycles
+    kernel needs no gathers from ``W`` for unstructured rows."""
+    qq = tl.arange(0, NQ)[:, None]
+    slot = tl.arange(0, head.shape[1])[None, :]
+    live = head != INT64_MAX
+    hcol = ((head & 0xFFFFFFFF) - 2147483648).to(tl.int32)
+    hcol = tl.where(qq == 0, -hcol, hcol)
+    keep = live & (slot < TPAD)
+    out = (row * NQ + qq) * TPAD + slot
+    tl.store(queue_ptr + out, tl.where(live, hcol, -1), mask=slot < TPAD)
+    hc = tl.where(keep, hcol, 0)
+    wq = tl.load(w_row + hc, mask=keep, other=0.0).to(tl.float32)
+    tl.store(qd_ptr + out, wq * tl.load(s_ptr + hc, mask=keep, other=0.0), mask=slot < TPAD)
+    if STORE_A:
+        tl.store(qa_ptr + out, tl.abs(wq) * tl.load(sq_ptr + hc, mask=keep, other=0.0),
+                 mask=slot < TPAD)
 
 
 @triton.jit

@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INT64_MAX, ordered32, threshold32
+from ._common import INT64_MAX, ordered32, store_queues, threshold32
 
 
 @triton.jit
@@ -148,16 +148,5 @@ def select_kernel(
     live = slot < n_q
     head = tl.sort(tl.load(scratch_ptr + row * (NQ * CAP) + qq * CAP + slot, mask=live,
                            other=INT64_MAX), dim=1)
-    hcol = ((head & 0xFFFFFFFF) - 2147483648).to(tl.int32)
-    hcol = tl.where(qq == 0, -hcol, hcol)
-    keep = live & (slot < TPAD)
-    hcol = tl.where(live, hcol, -1)
-    out = (row * NQ + qq) * TPAD + slot
-    tl.store(queue_ptr + out, hcol, mask=slot < TPAD)
-    # D (and A) of each queue entry, so that the cycles need no gathers from W
-    hc = tl.where(keep, hcol, 0).to(tl.int64)
-    wq = tl.load(w_ptr + row * stride_w + hc, mask=keep, other=0.0).to(tl.float32)
-    tl.store(qd_ptr + out, wq * tl.load(s_ptr + hc, mask=keep, other=0.0), mask=slot < TPAD)
-    if STORE_A:
-        tl.store(qa_ptr + out, tl.abs(wq) * tl.load(sq_ptr + hc, mask=keep, other=0.0),
-                 mask=slot < TPAD)
+    store_queues(head, row, w_ptr + row * stride_w, s_ptr, sq_ptr, queue_ptr, qd_ptr, qa_ptr,
+                 NQ, TPAD, STORE_A)

@@ -26,7 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INT32_MAX, INT32_MIN, INT64_MAX, ordered32
+from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, ordered32, search_probe, search_start,
+                      search_step, store_queues, tie_step)
 
 
 @triton.jit
@@ -95,53 +96,26 @@ def _search(keys, sets, cols, q, lo_count, hi_count, NEG_TIE: tl.constexpr, HAS_
         n_acc += tl.where(member, 1, 0)
         lo_acc = tl.minimum(lo_acc, tl.where(member, v, INT32_MAX))
         hi_acc = tl.maximum(hi_acc, tl.where(member, v, INT32_MIN))
-    n = tl.sum(n_acc, axis=0)
-    lo_count = n * 0 + lo_count
-    hi_count = n * 0 + hi_count
-    lo = tl.min(lo_acc, axis=0).to(tl.int64) - 1          # count(<= lo) == 0
-    hi = tl.max(hi_acc, axis=0).to(tl.int64)              # count(<= hi) == n
-    c_lo = n * 0
-    c_hi = n
-    tv = (n * 0 + INT32_MAX).to(tl.int32)
-    tt = (n * 0 + INT32_MAX).to(tl.int32)
-    searching = n > hi_count
-    target = (lo_count + hi_count).to(tl.float64) * 0.5 + 0.5
-    bisect = n < 0
+    lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
+        tl.sum(n_acc, axis=0), tl.min(lo_acc, axis=0), tl.max(hi_acc, axis=0), lo_count, hi_count)
     steps = 0
     while searching & (hi - lo > 1) & (steps < 70):
-        span = hi - lo
-        frac = (target - c_lo.to(tl.float64)) / (c_hi - c_lo).to(tl.float64)
-        guess = lo + (span.to(tl.float64) * frac).to(tl.int64)
-        mid = tl.where(bisect, lo + span // 2, guess)
-        mid = tl.minimum(tl.maximum(mid, lo + 1), hi - 1)
+        mid = search_probe(lo, hi, c_lo, c_hi, target, bisect)
         c = _count(keys, sets, cols, q, mid.to(tl.int32), HAS_SET, CHUNK)
-        found = (c >= lo_count) & (c <= hi_count)
-        tv = tl.where(found, mid.to(tl.int32), tv)
-        searching = searching & (found == 0)
-        go_up = c < lo_count
-        lo = tl.where(go_up & searching, mid, lo)
-        c_lo = tl.where(go_up & searching, c, c_lo)
-        hi = tl.where((go_up == 0) & searching, mid, hi)
-        c_hi = tl.where((go_up == 0) & searching, c, c_hi)
-        bisect = 2 * (hi - lo) > span
+        lo, hi, c_lo, c_hi, tv, searching, bisect = search_step(c, mid, lo, hi, c_lo, c_hi, tv,
+                                                                searching, lo_count, hi_count)
         steps += 1
     if searching:
         # a tie block at key hi straddles the wanted count: split it by the tie key
-        need_lo = lo_count - c_lo
-        need_hi = hi_count - c_lo
         value = hi.to(tl.int32)
-        tlo = (n * 0 - cols - 1).to(tl.int64)               # ties are +-col, within (-cols-1, cols)
-        thi = (n * 0 + cols).to(tl.int64)
+        tlo = lo * 0 - cols - 1                      # ties are +-col, within (-cols-1, cols]
+        thi = lo * 0 + cols
         tt = thi.to(tl.int32)
-        tsearch = thi - tlo > 1
-        while tsearch:
+        going = thi - tlo > 1
+        while going:
             mid = tlo + (thi - tlo) // 2
             c = _count_tie(keys, sets, cols, q, value, mid.to(tl.int32), NEG_TIE, HAS_SET, CHUNK)
-            found = (c >= need_lo) & (c <= need_hi)
-            tt = tl.where(found, mid.to(tl.int32), tt)
-            tlo = tl.where(c < need_lo, mid, tlo)
-            thi = tl.where(c > need_hi, mid, thi)
-            tsearch = (found == 0) & (thi - tlo > 1)
+            tlo, thi, tt, going = tie_step(c, mid, tlo, thi, tt, lo_count - c_lo, hi_count - c_lo)
         tv = value
     return tv, tt
 
@@ -255,17 +229,4 @@ def select_stream_kernel(
             _compact(keys, sets, lines, cols, q, qv, qt, q == 0, CAP, CHUNK)
         tl.debug_barrier()                     # the compacted keys are visible to every thread
         head = tl.sort(tl.load(lines + qq * CAP + slot), dim=1)
-        live = head != INT64_MAX
-        hcol = ((head & 0xFFFFFFFF) - 2147483648).to(tl.int32)
-        hcol = tl.where(qq == 0, -hcol, hcol)
-        keep = live & (slot < TPAD)
-        hcol = tl.where(live, hcol, -1)
-        out = (row64 * NQ + qq) * TPAD + slot
-        tl.store(queue_ptr + out, hcol, mask=slot < TPAD)
-        # D (and A) of each queue entry, so that the cycles need no gathers from W
-        hc = tl.where(keep, hcol, 0)
-        wq = tl.load(w_row + hc, mask=keep, other=0.0).to(tl.float32)
-        tl.store(qd_ptr + out, wq * tl.load(s_ptr + hc, mask=keep, other=0.0), mask=slot < TPAD)
-        if STORE_A:
-            tl.store(qa_ptr + out, tl.abs(wq) * tl.load(sq_ptr + hc, mask=keep, other=0.0),
-                     mask=slot < TPAD)
+        store_queues(head, row64, w_row, s_ptr, sq_ptr, queue_ptr, qd_ptr, qa_ptr, NQ, TPAD, STORE_A)
