@@ -134,10 +134,13 @@ def test_both_select_kernels(select, chunk, pattern, sparsity, cap):
     _check(w, stats, cfg, f"{select}-{chunk}-{pattern}-{sparsity}-{cap}", cap=cap, select=select, chunk=chunk)
 
 
-def test_zero_cycles_and_zero_sparsity():
+@pytest.mark.parametrize("select", ["rows", "stream"])
+def test_zero_cycles_and_zero_sparsity(select):
     w, stats = _layer(4, 48, "fp32", seed=5)
-    _check(w, stats, dk.RefineConfig(sparsity=0.5, max_cycle_time=0), "T0", want_swaps=False)
-    _check(w, stats, dk.RefineConfig(sparsity=0.0, max_cycle_time=4), "s0", want_swaps=False)
+    _check(w, stats, dk.RefineConfig(sparsity=0.5, max_cycle_time=0), "T0", want_swaps=False,
+           select=select, chunk=16)
+    _check(w, stats, dk.RefineConfig(sparsity=0.0, max_cycle_time=4), "s0", want_swaps=False,
+           select=select, chunk=16)
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])

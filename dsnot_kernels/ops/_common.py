@@ -5,7 +5,9 @@ one int64 *key* per weight, ``ordered(score) * 2**32 + column``, where ``ordered
 bits to an int32 whose signed order equals the float order (negative floats get their magnitude
 bits flipped). Keys are unique within a row, so "the t smallest" is well defined and a
 selection by counting reproduces a stable sort exactly. The selections themselves
-(:func:`threshold32`) search on the int32 value (``ordered32``) alone and look at the column
+(:func:`threshold32` on a row held in registers, ``refine_select_stream._search`` on a
+streamed key line; both built from :func:`search_start` / :func:`search_probe` /
+:func:`search_step` / :func:`tie_step`) search on the int32 value (``ordered32``) alone and look at the column
 only inside a tie block, so the per-weight work is int32.
 """
 from __future__ import annotations

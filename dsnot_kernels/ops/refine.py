@@ -1,7 +1,7 @@
 """Host side of the ``"triton"`` backend: :func:`refine_triton` launches the two kernels.
 
     select_kernel  grid (rows,)                       scores, initial mask, e0, top-T queues
-      or select_stream_kernel  grid (SMs x 8,)        the same, programs looping over rows
+      or select_stream_kernel  grid (min(rows, SMs x programs_per_sm),)  the same, programs looping over rows
     cycles_kernel  grid (ceil(rows / BLOCK_R),)       all swap cycles, in registers
 
 Two launches per :class:`RefineProblem` whatever its size: ``refine_many`` stacks the rows of
@@ -60,7 +60,8 @@ def _stream_programs(device: torch.device, per_sm: int) -> int:
 
 def _num_warps(block: int, nm: bool) -> int:
     # about 16 elements per thread per row tensor: 8 warps at in = 4096, 32 at in = 16384;
-    # N:M rows of <= 4096 run best on 4 (measured on an H100, benchmarks/profile_refine.py --sweep)
+    # N:M rows of <= 4096 ran best on 4 (H100 num_warps sweep; auto sends N:M to the streamed
+    # kernel now, so this applies to select="rows")
     if nm and block <= 4096:
         return 4
     return max(4, min(32, block // 512))
@@ -83,6 +84,9 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     _check(problem)
     if select not in ("auto", "rows", "stream"):
         raise ValueError(f"select must be 'auto', 'rows' or 'stream', got {select!r}")
+    for name, value in (("programs_per_sm", programs_per_sm), ("chunk", chunk)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps}")
     w = problem.weight.contiguous()
@@ -123,7 +127,12 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
         select = "stream" if nm or _pow2(cols) > 4096 else "rows"
     if select == "stream":
         nprog = min(rows, _stream_programs(device, programs_per_sm))
+        warps = num_warps or 4
         chunk = max(mpad if nm else 1, min(_pow2(chunk), _pow2(cols)))
+        if not INTERPRET:
+            # a chunk narrower than the program's threads is replicated across them, and the
+            # mask pass reads then overwrites each key: one owner per key needs chunk >= threads
+            chunk = max(chunk, 32 * warps)
         keys = torch.empty(nprog, cols, dtype=torch.int32, device=device)
         sets = torch.empty(nprog, cols, dtype=torch.int8, device=device)
         lines = torch.empty(nprog, nq * cap, dtype=torch.int64, device=device)
@@ -138,7 +147,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
             IS_NM=nm, N=n, M=max(m, 1), MPAD=mpad,
             HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
             NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, CHUNK=chunk,
-            num_warps=num_warps or 4, enable_fp_fusion=False,
+            num_warps=warps, enable_fp_fusion=False,
         )
     else:
         scratch = torch.empty(rows, nq * cap, dtype=torch.int64, device=device)

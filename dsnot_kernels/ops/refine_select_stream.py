@@ -3,9 +3,12 @@
 Same outputs as :mod:`refine_select` (SPEC §2-§5), organised for occupancy instead of keeping a
 row in registers. A fixed number of programs (``grid = SMs x programs per SM``) loop over the
 rows; each program owns a scratch line of ``in`` int32 *keys* and ``in`` int8 *set ids* and
-walks the row in ``CHUNK``-column chunks. Every selection pass re-reads the line (L1/L2
-resident: a few tens of KB per program) instead of holding the row in registers, so a program
-needs few registers, several programs share an SM, and their reduction chains overlap.
+walks the row in ``CHUNK``-column chunks. Every selection pass re-reads the line (5 B per
+column: 20 KB per program at in = 4096, meant to stay in L1/L2; at 8 programs per SM and
+in = 11008 the lines total ~58 MB on an H100, more than its 50 MB L2) instead of holding the row
+in registers, so a program needs few registers (128 at 4 warps), several programs share an
+SM, and their reduction chains overlap. ``CHUNK`` must be at least the program's thread count
+on a GPU (the launcher ensures it): the mask pass reads each key and then overwrites it.
 
 Per row:
 
