@@ -9,24 +9,18 @@ the GPU time of each kernel launched by one call (profiler), and the host time l
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dsnot_kernels as dk
-from bench_refine import make_problem  # noqa: E402
+from bench_refine import make_problem, time_call  # noqa: E402
 
 
 def wall(fn, repeats: int = 10) -> float:
-    fn(); torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median synchronised wall seconds of ``fn()`` after one warm-up."""
+    return time_call(fn, "cuda", repeats)[0]
 
 
 def kernel_times(fn, repeats: int = 5) -> dict:

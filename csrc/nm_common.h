@@ -166,9 +166,13 @@ DSNOT_HD double moment_delta(double e, double e2, float d_p, float d_g, float a_
   return dadd(dsub(t_a, t_d), t_e);
 }
 
-// dsnot_kernels.problem.swap_accepted for one row.
-DSNOT_HD bool swap_accepted(const dsnot_nm_problem& p, double e, double e2, int sign0, float d_p,
-                            float d_g, float a_p, float a_g) {
+// One proposed swap of SPEC §4/§5 (prune p, regrow g): the row error after it,
+// e2 = (e + D_p) - D_g in float64 rounded like the reference, and whether the acceptance tests
+// of dsnot_kernels.problem.swap_accepted pass (a rejection stops the row).
+DSNOT_HD bool propose_swap(const dsnot_nm_problem& p, double e, int sign0, float d_p, float d_g,
+                           float a_p, float a_g, double* e2_out) {
+  const double e2 = dsub(dadd(e, (double)d_p), (double)d_g);
+  *e2_out = e2;
   if (p.sign_check && sign_of(e2) != sign0) return false;
   if (p.improve_check && !(fabs_d(e2) < fabs_d(e))) return false;
   if (p.moment_check && !(moment_delta(e, e2, d_p, d_g, a_p, a_g, p.seq_len) < 0)) return false;

@@ -302,9 +302,9 @@ void refine_row(const dsnot_nm_problem& p, const dsnot_nm_output& o, int64_t r, 
         }
       }
       if (partner < 0) continue;  // SPEC §5 [deviation]: no partner -> next cycle, no swap
-      const float d_p = d[partner], d_g = d[gc];
-      const double e2 = dsub(dadd(e, (double)d_p), (double)d_g);
-      if (!swap_accepted(p, e, e2, sign0, d_p, d_g, row.a_of(partner, w[partner]), row.a_of(gc, w[gc])))
+      double e2;
+      if (!propose_swap(p, e, sign0, d[partner], d[gc], row.a_of(partner, w[partner]), row.a_of(gc, w[gc]),
+                        &e2))
         break;  // a rejected swap stops the row
       out[gc] = 0;
       out[partner] = 1;

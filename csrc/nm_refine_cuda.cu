@@ -428,8 +428,8 @@ nm_refine_kernel(const dsnot_nm_problem p, const dsnot_nm_output o, uint64_t* ws
     const float d_p = mul_rn(wp, p.sum_metric_row[pc]), d_g = mul_rn(wg, p.sum_metric_row[g]);
     const float a_p = mul_rn(fabs_f(wp), p.sqrt_scaler_row[pc]);
     const float a_g = mul_rn(fabs_f(wg), p.sqrt_scaler_row[g]);
-    const double e2 = dsub(dadd(e, (double)d_p), (double)d_g);
-    if (!swap_accepted(p, e, e2, sign0, d_p, d_g, a_p, a_g)) break;  // a rejection stops the row
+    double e2;
+    if (!propose_swap(p, e, sign0, d_p, d_g, a_p, a_g, &e2)) break;  // a rejection stops the row
     if (lane == 0) {
       row.out[g] = 0;
       row.out[pc] = 1;

@@ -241,10 +241,9 @@ void refine_row(const dsnot_nm_problem& p, const dsnot_nm_output& o, int64_t r, 
       if (head[qg] == left[qg] || head[qp] == left[qp]) break;  // an empty queue stops the row
       const int64_t gc = grow_key_col(s.q[qg][head[qg]++], qg == 0);
       const int64_t pc = grow_key_col(s.q[qp][head[qp]++], false);
-      const float d_p = d[pc], d_g = d[gc];
-      const double e2 = dsub(dadd(e, (double)d_p), (double)d_g);
       const float a_p = mul_rn(fabs_f(w[pc]), sq[pc]), a_g = mul_rn(fabs_f(w[gc]), sq[gc]);
-      if (!swap_accepted(p, e, e2, sign0, d_p, d_g, a_p, a_g)) break;  // a rejection stops the row
+      double e2;
+      if (!propose_swap(p, e, sign0, d[pc], d[gc], a_p, a_g, &e2)) break;  // a rejection stops the row
       out[gc] = 0;
       out[pc] = 1;
       e = e2;

@@ -50,9 +50,12 @@ def test_cpu_matches_reference(pattern, rows, cols, dtype):
 
 
 @pytest.mark.parametrize("sign_check", [False, True], ids=["sign-off", "sign-on"])
-def test_sign_check(sign_check):
-    weight, stats = make_layer(33, 256, torch.float16, seed=3)
-    expected = _parity(weight, stats, dk.RefineConfig(pattern="2:4", sign_check=sign_check))
+@pytest.mark.parametrize("pattern,seed", [("2:4", 3), ("unstructured", 13)])
+def test_sign_check(pattern, seed, sign_check):
+    weight, stats = make_layer(33, 256, torch.float16, seed=seed)
+    cfg = dk.RefineConfig(pattern=pattern, sparsity=0.6 if pattern == "unstructured" else 0.5,
+                          sign_check=sign_check)
+    expected = _parity(weight, stats, cfg)
     assert expected.swaps.float().mean() > 0
 
 
@@ -131,13 +134,6 @@ def test_cpu_unstructured_matches_reference(rows, cols, sparsity, dtype):
     weight, stats = make_layer(rows, cols, DTYPES[dtype], seed=rows + cols)
     expected = _parity(weight, stats, dk.RefineConfig(sparsity=sparsity), label=f"{sparsity}-{dtype}")
     assert expected.swaps.float().mean() > 0, "no swaps: the case would not test the loop"
-
-
-@pytest.mark.parametrize("sign_check", [False, True], ids=["sign-off", "sign-on"])
-def test_unstructured_sign_check(sign_check):
-    weight, stats = make_layer(33, 256, torch.float16, seed=13)
-    expected = _parity(weight, stats, dk.RefineConfig(sparsity=0.6, sign_check=sign_check))
-    assert expected.swaps.float().mean() > 0
 
 
 def test_unstructured_robust_checks():

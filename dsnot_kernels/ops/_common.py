@@ -135,6 +135,16 @@ def threshold32(v, tie, member, lo_count, hi_count):
 
 
 @triton.jit
+def init_score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE: tl.constexpr):
+    """The init method's float32 score at ``col`` of one row (SPEC §2): the given score row
+    (SparseGPT), else ``|w| * init_col_scale``; ``w_row``/``iscore_row`` point at the row."""
+    if HAS_SCORE:
+        return tl.load(iscore_row + col, mask=valid, other=0.0).to(tl.float32)
+    w = tl.load(w_row + col, mask=valid, other=0.0).to(tl.float32)
+    return tl.abs(w) * tl.load(scale_ptr + col, mask=valid, other=0.0)
+
+
+@triton.jit
 def store_queues(head, row, w_row, s_ptr, sq_ptr, queue_ptr, qd_ptr, qa_ptr,
                  NQ: tl.constexpr, TPAD: tl.constexpr, STORE_A: tl.constexpr):
     """Write the first ``TPAD`` entries of each queue from its sorted keys ``head`` ``[NQ, CAP]``

@@ -34,17 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INT64_MAX, ordered32, store_queues, threshold32
-
-
-@triton.jit
-def _init_score(w_ptr, scale_ptr, iscore_ptr, row, col, valid, stride_w, stride_is,
-                HAS_SCORE: tl.constexpr):
-    """The init method's float32 score at ``col`` of ``row`` (SPEC §2)."""
-    if HAS_SCORE:
-        return tl.load(iscore_ptr + row * stride_is + col, mask=valid, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + row * stride_w + col, mask=valid, other=0.0).to(tl.float32)
-    return tl.abs(w) * tl.load(scale_ptr + col, mask=valid, other=0.0)
+from ._common import INT64_MAX, init_score, ordered32, store_queues, threshold32
 
 
 @triton.jit
@@ -76,15 +66,15 @@ def select_kernel(
     if HAS_MASK:
         pruned = tl.load(imask_ptr + row * stride_im + col, mask=valid, other=0) != 0
     else:
-        sv = ordered32(_init_score(w_ptr, scale_ptr, iscore_ptr, row, col, valid,
-                                   stride_w, stride_is, HAS_SCORE))
+        w_row = w_ptr + row * stride_w
+        iscore_row = iscore_ptr + row * stride_is
+        sv = ordered32(init_score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE))
         if IS_NM:
             rank = tl.zeros([GPAD, MPAD], dtype=tl.int32)
             for j2 in tl.static_range(M):
                 c2 = gi * M + j2                                  # [GPAD, 1]: member j2 of each group
                 v2 = c2 < cols
-                k2 = ordered32(_init_score(w_ptr, scale_ptr, iscore_ptr, row, c2, v2,
-                                           stride_w, stride_is, HAS_SCORE))
+                k2 = ordered32(init_score(w_row, scale_ptr, iscore_row, c2, v2, HAS_SCORE))
                 # (k2, c2) < (sv, col): the stable-sort rank inside the group
                 rank += tl.where((k2 < sv) | ((k2 == sv) & (c2 < col)), 1, 0)
             pruned = valid & (rank < N)

@@ -29,17 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, ordered32, search_probe, search_start,
-                      search_step, store_queues, tie_step)
-
-
-@triton.jit
-def _score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE: tl.constexpr):
-    """The init method's float32 score at ``col`` of this row (SPEC §2)."""
-    if HAS_SCORE:
-        return tl.load(iscore_row + col, mask=valid, other=0.0).to(tl.float32)
-    w = tl.load(w_row + col, mask=valid, other=0.0).to(tl.float32)
-    return tl.abs(w) * tl.load(scale_ptr + col, mask=valid, other=0.0)
+from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, init_score, ordered32, search_probe,
+                      search_start, search_step, store_queues, tie_step)
 
 
 @triton.jit
@@ -178,7 +169,7 @@ def select_stream_kernel(
                 for c0 in range(0, cols, CHUNK):
                     idx = c0 + tl.arange(0, CHUNK)
                     valid = idx < cols
-                    sv = ordered32(_score(w_row, scale_ptr, iscore_row, idx, valid, HAS_SCORE))
+                    sv = ordered32(init_score(w_row, scale_ptr, iscore_row, idx, valid, HAS_SCORE))
                     tl.store(keys + idx, sv, mask=valid)
                 tl.debug_barrier()
                 tv, tt = _search(keys, sets, cols, 0, pruned_per_row, pruned_per_row, False, False, CHUNK)
@@ -196,11 +187,11 @@ def select_stream_kernel(
             if HAS_MASK:
                 pruned = valid & (tl.load(imask_ptr + row64 * stride_im + col, mask=valid, other=0) != 0)
             elif IS_NM:
-                sv = ordered32(_score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE))
+                sv = ordered32(init_score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE))
                 rank = tl.zeros([GCH, WIDTH], dtype=tl.int32)
                 for j2 in tl.static_range(M):
                     c2 = c0 + gi * M + j2                     # [GCH, 1]: member j2 of each group
-                    k2 = ordered32(_score(w_row, scale_ptr, iscore_row, c2, c2 < cols, HAS_SCORE))
+                    k2 = ordered32(init_score(w_row, scale_ptr, iscore_row, c2, c2 < cols, HAS_SCORE))
                     rank += tl.where((k2 < sv) | ((k2 == sv) & (c2 < col)), 1, 0)
                 pruned = valid & (rank < N)
             else:
