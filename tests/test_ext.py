@@ -107,9 +107,11 @@ def test_ties_follow_the_stable_sorts():
     assert expected.swaps.float().mean() > 0
 
 
-def test_refine_backend_ext_and_auto():
-    weight, stats = make_layer(33, 128, torch.float16, seed=9)
-    cfg = dk.RefineConfig(pattern="2:4")
+@pytest.mark.parametrize("pattern,seed", [("2:4", 9), ("unstructured", 20)])
+def test_refine_backend_ext_and_auto(pattern, seed):
+    """On the CPU, both patterns run on the extension, by name and by ``auto``."""
+    weight, stats = make_layer(33, 128, torch.float16, seed=seed)
+    cfg = dk.RefineConfig(pattern=pattern, sparsity=0.6 if pattern == "unstructured" else 0.5)
     problem, _ = build_problem(weight, stats, cfg)
     expected = refine_reference(problem)
     for backend in ("ext", "auto"):
@@ -119,6 +121,7 @@ def test_refine_backend_ext_and_auto():
     many = dk.refine_many([weight, weight[:5]], stats, cfg, backend="ext")
     assert torch.equal(many[0].pruned_mask, expected.pruned_mask)
     assert torch.equal(many[1].pruned_mask, expected.pruned_mask[:5])
+    assert dk.available_backends("cpu", pattern)["ext"] is True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,18 +192,6 @@ def test_unstructured_ties_follow_the_stable_sorts():
         cfg = dk.RefineConfig(sparsity=sparsity, init="magnitude", update_threshold=0.0)
         expected = _parity(weight, stats, cfg, label=f"ties-{sparsity}")
         assert expected.swaps.float().mean() > 0
-
-
-def test_unstructured_backend_ext_and_auto():
-    weight, stats = make_layer(33, 128, torch.float16, seed=20)
-    cfg = dk.RefineConfig(sparsity=0.6)
-    problem, _ = build_problem(weight, stats, cfg)
-    expected = refine_reference(problem)
-    for backend in ("ext", "auto"):
-        res = dk.refine(weight, stats, cfg, backend=backend)
-        assert res.backend == "ext", f"backend={backend!r} ran {res.backend!r}"
-        assert_same_output(expected, (res.pruned_mask, res.swaps, res.error_before, res.error_after), backend)
-    assert dk.available_backends("cpu", "unstructured")["ext"] is True
 
 
 # Known issue (seen on an H100 with torch 2.11+cu130): in a build WITH the CUDA path, a bad argument to
