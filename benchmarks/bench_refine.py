@@ -11,13 +11,16 @@ and on CUDA the whole LLaMA-7B set (32 layers x 7 sublayers, q/k/v and gate/up b
 
     python benchmarks/bench_refine.py --device cpu
     python benchmarks/bench_refine.py --device cuda --llama7b-set
+    python benchmarks/bench_refine.py --device cuda --llama7b-set --triton-variants queue_search=serial
     TRITON_INTERPRET=1 python benchmarks/bench_refine.py --device cpu --smoke   # interpreter smoke mode
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
+import functools
 import json
 import statistics
 import subprocess
@@ -124,6 +127,38 @@ def peak_extra_memory(out_f, in_f, device, backend, pattern, sparsity) -> float:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 
 
+@contextlib.contextmanager
+def triton_knobs(knobs: dict):
+    """Run ``dk.refine``'s triton backend with launcher knobs (``refine_triton`` keyword
+    arguments, e.g. ``queue_search="serial"``) inside the block: a benchmark-only switch for
+    side-by-side comparisons of kernel variants in one run."""
+    import dsnot_kernels.ops as ops
+    original = ops.refine_triton
+    ops.refine_triton = functools.partial(original, **knobs)
+    try:
+        yield
+    finally:
+        ops.refine_triton = original
+
+
+def parse_variants(text: str | None) -> list:
+    """``"queue_search=serial;select=rows,queue_search=serial"`` -> list of knob dicts."""
+    variants = []
+    for part in filter(None, (text or "").split(";")):
+        knobs = {}
+        for item in part.split(","):
+            key, _, value = item.partition("=")
+            if not key or not value:
+                raise SystemExit(f"--triton-variants: expected key=value[,key=value], got {part!r}")
+            knobs[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
+        variants.append(knobs)
+    return variants
+
+
+def variant_name(knobs: dict) -> str:
+    return "triton[" + ",".join(f"{k}={v}" for k, v in knobs.items()) + "]"
+
+
 # --------------------------------------------------------------------------------------------
 # the LLaMA-7B set (CUDA)
 # --------------------------------------------------------------------------------------------
@@ -166,7 +201,12 @@ def main(argv=None) -> int:
     parser.add_argument("--llama7b-set", action="store_true", help="also time the whole LLaMA-7B set (CUDA)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat (interpreter smoke mode)")
     parser.add_argument("--out", default=None, help="results directory (default: benchmarks/results/<machine>)")
+    parser.add_argument("--triton-variants", default=None,
+                        help="also time the triton backend with launcher knobs, side by side: "
+                             "'queue_search=serial;select=rows' (each ';' part is one extra row "
+                             "named triton[...], also in the LLaMA-7B set)")
     args = parser.parse_args(argv)
+    variants = parse_variants(args.triton_variants)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
@@ -189,6 +229,8 @@ def main(argv=None) -> int:
             n for n, ok in dk.available_backends(args.device, pattern).items() if ok is True]
         if "reference" not in names:
             names = ["reference"] + names
+        if "triton" in names:
+            names += [variant_name(k) for k in variants]
         for si, (out_f, in_f) in enumerate(shapes):
             weight, stats = make_problem(out_f, in_f, args.device)
             cfg = dk.RefineConfig(sparsity=args.sparsity, pattern=pattern)
@@ -197,8 +239,14 @@ def main(argv=None) -> int:
             for name in names:
                 holder = {}
 
-                def run(name=name):
-                    holder["res"] = dk.refine(weight, stats, cfg, backend=name)
+                knobs = next((k for k in variants if variant_name(k) == name), None)
+
+                def run(name=name, knobs=knobs):
+                    if knobs is None:
+                        holder["res"] = dk.refine(weight, stats, cfg, backend=name)
+                    else:
+                        with triton_knobs(knobs):
+                            holder["res"] = dk.refine(weight, stats, cfg, backend="triton")
                 reps = args.reference_repeats if name == "reference" else args.repeats
                 warm = 0 if name == "reference" and args.device == "cpu" else 1   # GPU: load kernels first
                 median, times = time_call(run, args.device, reps, warmup=warm)
@@ -207,7 +255,7 @@ def main(argv=None) -> int:
                     reference = res
                     ref_seconds = median
                 memory = None
-                if args.memory == "all" or (args.memory == "first" and si == 0):
+                if knobs is None and (args.memory == "all" or (args.memory == "first" and si == 0)):
                     memory = peak_extra_memory(out_f, in_f, args.device, name, pattern, args.sparsity)
                 row = {
                     "machine": machine, "device": args.device, "torch": torch.__version__,
@@ -233,12 +281,15 @@ def main(argv=None) -> int:
                "copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows}
     if args.llama7b_set:
         for pattern in patterns:
-            backend = "auto"
-            result = llama7b_set(args.device, backend, pattern, args.sparsity, repeats=3)
-            result["pattern"] = pattern
-            summary.setdefault("llama7b_set", []).append(result)
-            print(f"LLaMA-7B set ({result['sublayers']} sublayers, {pattern}, backend=auto): "
-                  f"{result['seconds'] * 1e3:.1f} ms")
+            for knobs in [None] + variants:
+                backend = "auto" if knobs is None else "triton"
+                with triton_knobs(knobs or {}):
+                    result = llama7b_set(args.device, backend, pattern, args.sparsity, repeats=3)
+                result["pattern"] = pattern
+                result["backend"] = backend if knobs is None else variant_name(knobs)
+                summary.setdefault("llama7b_set", []).append(result)
+                print(f"LLaMA-7B set ({result['sublayers']} sublayers, {pattern}, "
+                      f"backend={result['backend']}): {result['seconds'] * 1e3:.1f} ms")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "bench_refine_smoke" if args.smoke else "bench_refine"

@@ -63,17 +63,21 @@ def main() -> None:
             for name, us in kernel_times(lambda: dk.refine(weight, stats, cfg, backend=args.backend)).items():
                 print(f"   {us/1e3:8.3f} ms  {name}")
             if args.sweep and args.backend == "triton":
-                t = wall(lambda: refine_triton(problem, select="rows"), repeats=5)
-                print(f"   sweep select=rows (one row per program): {t*1e3:.3f} ms", flush=True)
-                for chunk in (512, 1024, 2048):
-                    for per_sm in (2, 4, 8):
-                        try:
-                            t = wall(lambda: refine_triton(problem, select="stream", chunk=chunk,
-                                                           programs_per_sm=per_sm), repeats=5)
-                            print(f"   sweep select=stream chunk={chunk} programs_per_sm={per_sm}: "
-                                  f"{t*1e3:.3f} ms", flush=True)
-                        except Exception as exc:  # noqa: BLE001
-                            print(f"   sweep chunk={chunk} per_sm={per_sm}: {type(exc).__name__} {exc}"[:200])
+                for search in ("joint", "serial"):
+                    t = wall(lambda: refine_triton(problem, select="rows", queue_search=search), repeats=5)
+                    print(f"   sweep select=rows queue_search={search} (one row per program): "
+                          f"{t*1e3:.3f} ms", flush=True)
+                for search in ("joint", "serial"):
+                    for chunk in (512, 1024, 2048):
+                        for per_sm in (2, 4, 8):
+                            try:
+                                t = wall(lambda: refine_triton(problem, select="stream", chunk=chunk,
+                                                               programs_per_sm=per_sm,
+                                                               queue_search=search), repeats=5)
+                                print(f"   sweep select=stream queue_search={search} chunk={chunk} "
+                                      f"programs_per_sm={per_sm}: {t*1e3:.3f} ms", flush=True)
+                            except Exception as exc:  # noqa: BLE001
+                                print(f"   sweep chunk={chunk} per_sm={per_sm}: {type(exc).__name__} {exc}"[:200])
 
 if __name__ == "__main__":
     main()

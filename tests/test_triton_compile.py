@@ -36,20 +36,21 @@ SCRIPT = textwrap.dedent(r"""
                    queue_ptr="*i32", qd_ptr="*fp32", qa_ptr="*fp32", key_ptr="*i32", set_ptr="*i8",
                    scratch_ptr="*i64", rows="i32", cols="i32", stride_w="i32", stride_is="i32",
                    stride_im="i32", stride_m="i32", pruned_per_row="i32", depth="i32")
-        nm = case == "stream-nm"
+        nm = case.startswith("stream-nm")
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, MPAD=4 if nm else 16384,
                      HAS_MASK=False, HAS_SCORE=False, NQ=2 if nm else 4, TPAD=64, CAP=128,
-                     STORE_A=not nm, CHUNK=1024)
+                     STORE_A=not nm, CHUNK=1024, JOINT=not case.endswith("-serial"))
     elif case.startswith("select"):
         fn, warps = select_kernel, 8
         sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
                    iscore_ptr="*fp32", imask_ptr="*u8", mask_ptr="*u8", e0_ptr="*fp64",
                    queue_ptr="*i32", qd_ptr="*fp32", qa_ptr="*fp32", scratch_ptr="*i64", cols="i32", stride_w="i32",
                    stride_is="i32", stride_im="i32", stride_m="i32", pruned_per_row="i32", depth="i32")
-        nm = case == "select-nm"
+        nm = case.startswith("select-nm")
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, GPAD=1024 if nm else 1,
                      MPAD=4 if nm else 4096, HAS_MASK=False, HAS_SCORE=False,
-                     NQ=2 if nm else 4, TPAD=64, CAP=128, STORE_A=not nm)
+                     NQ=2 if nm else 4, TPAD=64, CAP=128, STORE_A=not nm,
+                     JOINT=not case.endswith("-serial"))
     elif case.startswith("cycles"):
         fn, warps = cycles_kernel, 4
         sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", scale_ptr="*fp32", iscore_ptr="*fp32",
@@ -75,7 +76,8 @@ SCRIPT = textwrap.dedent(r"""
 """)
 
 CASES = [("select-unstructured", "fp16"), ("select-nm", "bf16"), ("stream-unstructured", "fp16"),
-         ("stream-nm", "bf16"), ("cycles-unstructured", "fp16"),
+         ("stream-nm", "bf16"), ("select-unstructured-serial", "fp16"), ("stream-nm-serial", "bf16"),
+         ("cycles-unstructured", "fp16"),
          ("cycles-nm", "fp32"), ("stats", "fp16")]
 
 

@@ -107,9 +107,11 @@ def test_init_methods(init, pattern, select):
                                               ("2:4", "magnitude", 8)],
                          ids=["unstructured-wanda-cap8", "unstructured-magnitude", "2:4-magnitude-cap8"])
 @pytest.mark.parametrize("select", ["rows", "stream"])
-def test_heavy_ties(pattern, init, cap, select):
+@pytest.mark.parametrize("queue_search", ["joint", "serial"])
+def test_heavy_ties(pattern, init, cap, select, queue_search):
     """Few distinct weights and column factors: scores tie in whole blocks, so the selections
-    must fall back to the column order (the int64 key rule) inside a tie block."""
+    must fall back to the column order (the int64 key rule) inside a tie block (for the joint
+    queue search: several queues split their tie blocks in the same lockstep loop)."""
     gen = torch.Generator().manual_seed(8)
     out, inn = 12, 160
     w = (torch.randint(-6, 7, (out, inn), generator=gen).float() / 4).to(DEVICE)
@@ -119,19 +121,24 @@ def test_heavy_ties(pattern, init, cap, select):
                           ntokens=128).to(DEVICE)
     cfg = dk.RefineConfig(sparsity=0.55, pattern=pattern, init=init, max_cycle_time=20,
                           update_threshold=0.01)
-    _check(w, stats, cfg, f"ties-{pattern}-{init}-{select}", cap=cap, select=select, chunk=64)
+    _check(w, stats, cfg, f"ties-{pattern}-{init}-{select}-{queue_search}", cap=cap, select=select,
+           chunk=64, queue_search=queue_search)
 
 
-@pytest.mark.parametrize("select,chunk", [("rows", 1024), ("stream", 32), ("stream", 64)])
+@pytest.mark.parametrize("select,chunk,queue_search", [("rows", 1024, "joint"), ("stream", 32, "joint"),
+                                                       ("stream", 64, "joint"), ("rows", 1024, "serial"),
+                                                       ("stream", 32, "serial")])
 @pytest.mark.parametrize("pattern,sparsity,cap", [("unstructured", 0.6, 256), ("unstructured", 0.5, 16),
                                                   ("2:4", 0.5, 256), ("4:8", 0.5, 32)])
-def test_both_select_kernels(select, chunk, pattern, sparsity, cap):
+def test_both_select_kernels(select, chunk, queue_search, pattern, sparsity, cap):
     """``select="auto"`` uses one kernel per pattern/width; both must equal the reference for
-    every pattern. Chunks smaller than the row (and rows > programs, under the interpreter:
-    3 programs) exercise the streamed kernel's loops and its reuse of scratch across rows."""
+    every pattern, with either queue search. Chunks smaller than the row (and rows > programs,
+    under the interpreter: 3 programs) exercise the streamed kernel's loops and its reuse of
+    scratch across rows."""
     w, stats = _layer(11, 72, "fp16", seed=5)
     cfg = dk.RefineConfig(sparsity=sparsity, pattern=pattern, update_threshold=0.01)
-    _check(w, stats, cfg, f"{select}-{chunk}-{pattern}-{sparsity}-{cap}", cap=cap, select=select, chunk=chunk)
+    _check(w, stats, cfg, f"{select}-{chunk}-{queue_search}-{pattern}-{sparsity}-{cap}", cap=cap,
+           select=select, chunk=chunk, queue_search=queue_search)
 
 
 @pytest.mark.parametrize("select", ["rows", "stream"])
@@ -176,6 +183,14 @@ def test_batch_partial_sums(shape, dtype):
 def test_bad_input_is_rejected():
     with pytest.raises(TypeError, match="problem"):
         refine_triton("not a problem")
+    w, stats = _layer(2, 16, "fp32")
+    problem, _ = dk.build_problem(w, stats, dk.RefineConfig(sparsity=0.5))
+    with pytest.raises(ValueError, match="queue_search"):
+        refine_triton(problem, queue_search="fast")
+    wide, wide_stats = _layer(1, 65536, "fp32")
+    wide_problem, _ = dk.build_problem(wide, wide_stats, dk.RefineConfig(sparsity=0.5))
+    with pytest.raises(ValueError, match="65535 columns"):
+        refine_triton(wide_problem, queue_search="joint")
     with pytest.raises(ValueError, match=r"\[batch, seq, in\]"):
         batch_partial_sums(torch.zeros(4, 4, device=DEVICE))
     with pytest.raises(TypeError, match="float16"):
@@ -185,11 +200,15 @@ def test_bad_input_is_rejected():
 # ------------------------------------------------------------------------------------------------
 # GPU: the same parity at LLaMA sizes (a subset of rows checked against the reference)
 # ------------------------------------------------------------------------------------------------
+GPU_KNOBS = [{}, {"select": "rows", "queue_search": "serial"}, {"select": "stream", "queue_search": "serial"},
+             {"select": "rows", "queue_search": "joint"}, {"select": "stream", "queue_search": "joint"}]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("out,inn", [(4096, 4096), (11008, 4096), (4096, 11008)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("out,inn,knobs", [(4096, 4096, k) for k in GPU_KNOBS] + [(11008, 4096, {}), (4096, 11008, {})],
+                         ids=lambda v: "-".join(map(str, v.values())) or "auto" if isinstance(v, dict) else str(v))
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_gpu_llama_sizes(out, inn, pattern):
+def test_gpu_llama_sizes(out, inn, knobs, pattern):
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(out, inn, generator=gen) * 0.02).to(torch.float16).cuda()
     x = (torch.randn(8, 128, inn, generator=gen) * (torch.rand(inn, generator=gen) + 0.25)
@@ -199,7 +218,7 @@ def test_gpu_llama_sizes(out, inn, pattern):
     stats = acc.finalize()
     cfg = dk.RefineConfig(sparsity=0.6, pattern=pattern)
     problem, _ = dk.build_problem(w, stats, cfg)
-    got = refine_triton(problem)
+    got = refine_triton(problem, **knobs)
     rows = torch.randperm(out, generator=gen)[:512].sort().values.cuda()
     sub = dk.RefineConfig(sparsity=0.6, pattern=pattern)
     sub_problem, expected = reference_output(w[rows], stats, sub)

@@ -44,6 +44,17 @@ def _count_le(v, member, t):
 
 
 @triton.jit
+def _count_min_max(n_a, lo_a, hi_a, n_b, lo_b, hi_b):
+    return n_a + n_b, tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
+
+
+@triton.jit
+def count_min_max(n, lo, hi):
+    """``(sum(n), min(lo), max(hi))`` of 1-D blocks in one multi-operand block reduction."""
+    return tl.reduce((n, lo, hi), 0, _count_min_max)
+
+
+@triton.jit
 def search_start(n, vmin, vmax, lo_count, hi_count):
     """Initial state of a threshold search over ``n`` members with keys in ``[vmin, vmax]``:
     ``(lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect)`` with
@@ -108,10 +119,10 @@ def threshold32(v, tie, member, lo_count, hi_count):
     members with ``v == hi`` are split by a bisection on ``tie``. Cost: one int32 compare and
     one block reduction per probe; no memory traffic.
     """
-    n = tl.sum(tl.where(member, 1, 0))
+    n, vmin, vmax = count_min_max(tl.where(member, 1, 0), tl.where(member, v, INT32_MAX),
+                                  tl.where(member, v, INT32_MIN))
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
-        n, tl.min(tl.where(member, v, INT32_MAX)), tl.max(tl.where(member, v, INT32_MIN)),
-        lo_count, hi_count)
+        n, vmin, vmax, lo_count, hi_count)
     steps = 0
     while searching & (hi - lo > 1) & (steps < 70):
         mid = search_probe(lo, hi, c_lo, c_hi, target, bisect)
@@ -171,3 +182,141 @@ def store_queues(head, row, w_row, s_ptr, sq_ptr, queue_ptr, qd_ptr, qa_ptr,
 def sign_f64(x):
     """``sign(x)`` as int32 (-1, 0, 1)."""
     return tl.where(x > 0, 1, 0) - tl.where(x < 0, 1, 0)
+
+
+# ---- joint queue search: the NQ (2 or 4) queue thresholds found in lockstep ----------------
+# The queues are disjoint, so each weight carries one queue id ``qid`` (-1 = in no queue) and
+# one count field ``1 << 16*qid``: a single int64 sum counts all queues at once (16-bit
+# fields: the launcher uses the joint search only for rows of < 65536 columns). Each probe
+# of the search is then ONE block reduction for all queues instead of one per queue, and the
+# searches take as many probes as the slowest queue instead of the sum over queues.
+
+@triton.jit
+def queue_field(qid):
+    """int64 count field of each weight's queue (0 for ``qid < 0``)."""
+    return tl.where(qid >= 0, tl.full(qid.shape, 1, tl.int64) << (qid.to(tl.int64) * 16), 0)
+
+
+@triton.jit
+def unpack_counts(packed, NQ: tl.constexpr):
+    """``[NQ]`` int64 counts from an int64 holding one 16-bit count per queue."""
+    return (packed >> (tl.arange(0, NQ).to(tl.int64) * 16)) & 0xFFFF
+
+
+@triton.jit
+def pick(qid, x, NQ: tl.constexpr):
+    """``x[qid]`` for every weight (``x`` is ``[NQ]``; weights in no queue read ``x[NQ-1]``)."""
+    qq = tl.arange(0, NQ)
+    out = tl.zeros(qid.shape, x.dtype) + tl.sum(tl.where(qq == NQ - 1, x, 0), axis=0)
+    for q in tl.static_range(NQ - 1):
+        out = tl.where(qid == q, tl.sum(tl.where(qq == q, x, 0), axis=0), out)
+    return out
+
+
+@triton.jit
+def _stats_combine(n_a, lo0_a, hi0_a, lo1_a, hi1_a, lo2_a, hi2_a, lo3_a, hi3_a,
+                   n_b, lo0_b, hi0_b, lo1_b, hi1_b, lo2_b, hi2_b, lo3_b, hi3_b):
+    return (n_a + n_b, tl.minimum(lo0_a, lo0_b), tl.maximum(hi0_a, hi0_b),
+            tl.minimum(lo1_a, lo1_b), tl.maximum(hi1_a, hi1_b),
+            tl.minimum(lo2_a, lo2_b), tl.maximum(hi2_a, hi2_b),
+            tl.minimum(lo3_a, lo3_b), tl.maximum(hi3_a, hi3_b))
+
+
+@triton.jit
+def queue_stats_parts(v, qid, NQ: tl.constexpr):
+    """Per-weight operands of the joint member count and per-queue min/max (see
+    :func:`queue_stats_reduce`): ``(field, lo0, hi0, .., lo3, hi3)`` (constants past ``NQ``)."""
+    none_lo = tl.full(v.shape, INT32_MAX, tl.int32)
+    none_hi = tl.full(v.shape, INT32_MIN, tl.int32)
+    lo2, hi2, lo3, hi3 = none_lo, none_hi, none_lo, none_hi
+    if NQ == 4:
+        lo2, hi2 = tl.where(qid == 2, v, INT32_MAX), tl.where(qid == 2, v, INT32_MIN)
+        lo3, hi3 = tl.where(qid == 3, v, INT32_MAX), tl.where(qid == 3, v, INT32_MIN)
+    return (queue_field(qid),
+            tl.where(qid == 0, v, INT32_MAX), tl.where(qid == 0, v, INT32_MIN),
+            tl.where(qid == 1, v, INT32_MAX), tl.where(qid == 1, v, INT32_MIN),
+            lo2, hi2, lo3, hi3)
+
+
+@triton.jit
+def queue_stats_merge(acc, parts):
+    """Elementwise merge of two :func:`queue_stats_parts` tuples (streamed accumulation)."""
+    return _stats_combine(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7], acc[8],
+                          parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], parts[6],
+                          parts[7], parts[8])
+
+
+@triton.jit
+def queue_stats_reduce(parts, NQ: tl.constexpr):
+    """``(n, vmin, vmax)``, each ``[NQ]``, from per-weight :func:`queue_stats_parts` (one
+    multi-operand block reduction)."""
+    r = tl.reduce(parts, 0, _stats_combine)
+    qq = tl.arange(0, NQ)
+    vmin = tl.where(qq == 0, r[1], tl.where(qq == 1, r[3], tl.where(qq == 2, r[5], r[7])))
+    vmax = tl.where(qq == 0, r[2], tl.where(qq == 1, r[4], tl.where(qq == 2, r[6], r[8])))
+    return unpack_counts(r[0], NQ), vmin, vmax
+
+
+@triton.jit
+def joint_step(c, mid, lo, hi, c_lo, c_hi, tv, searching, bisect, going, lo_count, hi_count):
+    """:func:`search_step` for the queues still ``going`` (``[NQ]`` state); the others keep
+    theirs. Returns ``(lo, hi, c_lo, c_hi, tv, searching, bisect, going)``."""
+    lo2, hi2, c_lo2, c_hi2, tv2, searching2, bisect2 = search_step(
+        c, mid, lo, hi, c_lo, c_hi, tv, searching, lo_count, hi_count)
+    lo = tl.where(going, lo2, lo)
+    hi = tl.where(going, hi2, hi)
+    c_lo = tl.where(going, c_lo2, c_lo)
+    c_hi = tl.where(going, c_hi2, c_hi)
+    tv = tl.where(going, tv2, tv)
+    searching = tl.where(going, searching2, searching)
+    bisect = tl.where(going, bisect2, bisect)
+    return lo, hi, c_lo, c_hi, tv, searching, bisect, searching & (hi - lo > 1)
+
+
+@triton.jit
+def joint_tie_step(c, mid, tlo, thi, tt, going, need_lo, need_hi):
+    """:func:`tie_step` for the queues still ``going``; returns ``(tlo, thi, tt, going)``."""
+    tlo2, thi2, tt2, going2 = tie_step(c, mid, tlo, thi, tt, need_lo, need_hi)
+    return (tl.where(going, tlo2, tlo), tl.where(going, thi2, thi), tl.where(going, tt2, tt),
+            going & going2)
+
+
+@triton.jit
+def any_true(flags):
+    """Scalar: is any of the ``[NQ]`` flags set?"""
+    return tl.max(flags.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def queue_thresholds(v, tie, qid, lo_count, hi_count, cols, NQ: tl.constexpr):
+    """Per-queue ``(tv, tt)`` (each ``[NQ]``) for a row held in registers: the
+    :func:`threshold32` contract for every queue ``q`` (members: ``qid == q``), all searches
+    run in lockstep with one block reduction per probe for all queues."""
+    field = queue_field(qid)
+    n, vmin, vmax = queue_stats_reduce(queue_stats_parts(v, qid, NQ), NQ)
+    lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
+        n, vmin, vmax, lo_count, hi_count)
+    going = searching & (hi - lo > 1)
+    steps = 0
+    while any_true(going) & (steps < 70):
+        mid = search_probe(lo, hi, c_lo, c_hi, target, bisect)
+        c = unpack_counts(tl.sum(tl.where(v <= pick(qid, mid.to(tl.int32), NQ), field, 0), axis=0), NQ)
+        lo, hi, c_lo, c_hi, tv, searching, bisect, going = joint_step(
+            c, mid, lo, hi, c_lo, c_hi, tv, searching, bisect, going, lo_count, hi_count)
+        steps += 1
+    if any_true(searching):
+        # tie blocks at key hi straddle the wanted counts: split them by the tie key
+        value = hi.to(tl.int32)
+        tfield = tl.where(v == pick(qid, value, NQ), field, 0)
+        tlo = lo * 0 - cols - 1                      # ties are +-col, within (-cols-1, cols]
+        thi = lo * 0 + cols
+        tt = tl.where(searching, thi.to(tl.int32), tt)
+        tgoing = searching & (thi - tlo > 1)
+        while any_true(tgoing):
+            mid = tlo + (thi - tlo) // 2
+            c = unpack_counts(tl.sum(tl.where(tie <= pick(qid, mid.to(tl.int32), NQ), tfield, 0),
+                                     axis=0), NQ)
+            tlo, thi, tt, tgoing = joint_tie_step(c, mid, tlo, thi, tt, tgoing,
+                                                  lo_count - c_lo, hi_count - c_lo)
+        tv = tl.where(searching, value, tv)
+    return tv, tt

@@ -23,6 +23,7 @@ from .refine_select_stream import select_stream_kernel
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_CAP = 128          # keys kept per queue before the bitonic sort (>= the queue depth)
 MAX_CAP = 32768            # per-queue counts share one int64 scan in 16-bit fields
+JOINT_MAX_COLS = 65535     # the joint queue search counts whole rows in 16-bit fields
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -69,7 +70,8 @@ def _num_warps(block: int, nm: bool) -> int:
 
 def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
                   num_warps: int | None = None, block_rows: int | None = None,
-                  select: str = "auto", programs_per_sm: int = 8, chunk: int = 1024) -> RefineOutput:
+                  select: str = "auto", programs_per_sm: int = 8, chunk: int = 1024,
+                  queue_search: str = "auto") -> RefineOutput:
     """SPEC §2-§5 for every row of ``problem`` in two Triton launches; exactly the reference.
 
     ``cap`` (a power of two) bounds the keys per queue that are sorted; it only changes speed
@@ -79,7 +81,10 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     ``chunk`` columns at a time) or ``"auto"``: rows for unstructured rows of <= 4096 columns,
     stream otherwise (the faster one on an H100 for each; benchmarks/profile_refine.py
     --sweep). ``num_warps`` overrides the warps of kernel 1 and ``block_rows`` the rows per
-    program of the cycles kernel (tuning knobs; ``None`` = the defaults).
+    program of the cycles kernel (tuning knobs; ``None`` = the defaults). ``queue_search``:
+    ``"joint"`` finds the thresholds of all candidate queues in lockstep (one counting pass or
+    block reduction per probe for all queues; rows of at most 65535 columns), ``"serial"`` one
+    queue after the other, ``"auto"`` = joint where it applies.
     """
     _check(problem)
     if select not in ("auto", "rows", "stream"):
@@ -87,6 +92,8 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     for name, value in (("programs_per_sm", programs_per_sm), ("chunk", chunk)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if queue_search not in ("auto", "joint", "serial"):
+        raise ValueError(f"queue_search must be 'auto', 'joint' or 'serial', got {queue_search!r}")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps}")
     w = problem.weight.contiguous()
@@ -99,6 +106,10 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
         empty = torch.zeros(rows, dtype=torch.float32, device=device)
         return RefineOutput(mask, swaps.zero_(), empty, empty.clone())
 
+    if queue_search == "joint" and cols > JOINT_MAX_COLS:
+        raise ValueError(f"queue_search='joint' needs rows of at most {JOINT_MAX_COLS} columns, "
+                         f"got {cols}: use 'auto' or 'serial'")
+    joint = queue_search != "serial" and cols <= JOINT_MAX_COLS
     nm = problem.is_nm
     n, m = (problem.prune_n, problem.prune_m) if nm else (0, 0)
     if nm:
@@ -146,7 +157,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
             int(problem.pruned_per_row), depth,
             IS_NM=nm, N=n, M=max(m, 1), MPAD=mpad,
             HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
-            NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, CHUNK=chunk,
+            NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, CHUNK=chunk, JOINT=joint,
             num_warps=warps, enable_fp_fusion=False,
         )
     else:
@@ -162,7 +173,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
             int(problem.pruned_per_row), depth,
             IS_NM=nm, N=n, M=max(m, 1), GPAD=gpad, MPAD=mpad,
             HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
-            NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a,
+            NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, JOINT=joint,
             num_warps=num_warps or _num_warps(block, nm), enable_fp_fusion=False,
         )
     if cycles == 0:

@@ -17,7 +17,9 @@ with ``BLOCK = next_pow2(in)``). Math (SPEC §2-§5, all float32 unless stated):
   ``grow+`` (pruned, G > 0, tk = -key(G)), ``grow-`` (pruned, G < 0, tk = key(G)),
   ``prune-`` (kept, D < 0, tk = key(A)), ``prune+`` (kept, D > 0, tk = key(A)); N:M uses only
   the two grow queues. Top-``T`` without a full sort: a threshold keeping between
-  ``depth = min(T, in)`` and ``CAP`` members (:func:`threshold32`, per queue), compaction of
+  ``depth = min(T, in)`` and ``CAP`` members of each queue (``JOINT``: all queues searched in
+  lockstep by :func:`queue_thresholds`, one block reduction per probe for all of them; else
+  :func:`threshold32` per queue), compaction of
   those ``<= CAP`` keys through a per-row ``[NQ, CAP]`` scratch block (one int64 cumsum for all
   queues: they are disjoint, each counts in its own 16-bit field), one ``[NQ, CAP]`` bitonic
   ``tl.sort`` along the last axis, and the first ``TPAD`` columns written out (``-1`` = past
@@ -34,7 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INT64_MAX, init_score, ordered32, store_queues, threshold32
+from ._common import (INT64_MAX, init_score, ordered32, pick, queue_thresholds, store_queues,
+                      threshold32)
 
 
 @triton.jit
@@ -46,6 +49,7 @@ def select_kernel(
     GPAD: tl.constexpr, MPAD: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SCORE: tl.constexpr,
     NQ: tl.constexpr, TPAD: tl.constexpr, CAP: tl.constexpr, STORE_A: tl.constexpr,
+    JOINT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     gi = tl.arange(0, GPAD)[:, None].to(tl.int64)
@@ -109,21 +113,22 @@ def select_kernel(
         v = tl.where(fg > 0, ~og, og)
     is_q0 = fpruned & (fg > 0)
     tie = tl.where(is_q0, -fcol, fcol)
-    sel = fpruned & (fpruned == 0)                 # all False
-    qid = tl.zeros([BLOCK], dtype=tl.int64)
-    for q in tl.static_range(NQ):
-        if q == 0:
-            member = is_q0
-        elif q == 1:
-            member = fpruned & (fg < 0)
-        elif q == 2:
-            member = fkept & (fd < 0)
-        else:
-            member = fkept & (fd > 0)
-        tv, tt = threshold32(v, tie, member, depth, CAP)
-        cand = member & ((v < tv) | ((v == tv) & (tie <= tt)))
-        sel = sel | cand
-        qid = tl.where(member, q, qid)
+    qid = tl.where(is_q0, 0, tl.where(fpruned & (fg < 0), 1, -1))
+    if NQ == 4:
+        qid = tl.where(fkept & (fd < 0), 2, tl.where(fkept & (fd > 0), 3, qid))
+    if JOINT:
+        # all queue thresholds in lockstep: one block reduction per probe for all queues
+        tvq, ttq = queue_thresholds(v, tie, qid, depth, CAP, cols, NQ)
+        tv = pick(qid, tvq, NQ)
+        tt = pick(qid, ttq, NQ)
+        sel = (qid >= 0) & ((v < tv) | ((v == tv) & (tie <= tt)))
+    else:
+        sel = qid > NQ                                 # all False
+        for q in tl.static_range(NQ):
+            member = qid == q
+            tv, tt = threshold32(v, tie, member, depth, CAP)
+            sel = sel | (member & ((v < tv) | ((v == tv) & (tie <= tt))))
+    qid = tl.maximum(qid, 0).to(tl.int64)              # (unselected weights: any field)
     # one scan for all queues: 16-bit count fields, one per queue (counts <= CAP < 2^16)
     field = tl.where(sel, tl.full([BLOCK], 1, tl.int64) << (qid * 16), 0)
     pos = (tl.cumsum(field, axis=0) >> (qid * 16)) & 0xFFFF

@@ -19,18 +19,27 @@ Per row:
    (``D = w*S``, ``G = div_rn(D, V^p)``, ``A = |w|*sqrt(Q)``):
    q0 grow+ (pruned, G > 0, key ~ord(G), tie -col), q1 grow- (pruned, G < 0, ord(G), col),
    q2 prune- (kept, D < 0, ord(A), col), q3 prune+ (kept, D > 0, ord(A), col);
-3. per queue: :func:`_search` for a threshold keeping ``depth..CAP`` members, one pass that
-   compacts them (int64 key = key * 2^32 + tie, ascending = pop order) into the queue's
-   ``[CAP]`` line; then one ``[NQ, CAP]`` ``tl.sort`` and the first ``TPAD`` entries written
-   with their ``D`` (and ``A``), ``-1`` past the end.
+3. thresholds keeping ``depth..CAP`` members of every queue: ``JOINT`` (default): one
+   stats pass and one counting pass per probe for all queues at once (:func:`_joint_search`,
+   16-bit count fields per queue), then one pass compacting every queue's members
+   (:func:`_compact_joint`); else per queue :func:`_search` and :func:`_compact`. Compacted
+   entries are int64 keys (key * 2^32 + tie, ascending = pop order) in each queue's ``[CAP]``
+   line; then one ``[NQ, CAP]`` ``tl.sort`` and the first ``TPAD`` entries written with their
+   ``D`` (and ``A``), ``-1`` past the end.
+
+Passes over the line per row (unstructured, no given mask): 1 key pass, 1 + ~10 for the exact
+``k``-th key, 1 mask/queue-key pass, then joint: 1 + max over queues of the probes (~5) + 1;
+serial: the sum over the four queues of 1 + probes + 1 (~22).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, init_score, ordered32, search_probe,
-                      search_start, search_step, store_queues, tie_step)
+from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, any_true, count_min_max, init_score, joint_step,
+                      joint_tie_step, ordered32, pick, queue_field, queue_stats_merge,
+                      queue_stats_parts, queue_stats_reduce, search_probe, search_start,
+                      search_step, store_queues, tie_step, unpack_counts)
 
 
 @triton.jit
@@ -90,8 +99,9 @@ def _search(keys, sets, cols, q, lo_count, hi_count, NEG_TIE: tl.constexpr, HAS_
         n_acc += tl.where(member, 1, 0)
         lo_acc = tl.minimum(lo_acc, tl.where(member, v, INT32_MAX))
         hi_acc = tl.maximum(hi_acc, tl.where(member, v, INT32_MIN))
+    n, vmin, vmax = count_min_max(n_acc, lo_acc, hi_acc)
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
-        tl.sum(n_acc, axis=0), tl.min(lo_acc, axis=0), tl.max(hi_acc, axis=0), lo_count, hi_count)
+        n, vmin, vmax, lo_count, hi_count)
     steps = 0
     while searching & (hi - lo > 1) & (steps < 70):
         mid = search_probe(lo, hi, c_lo, c_hi, target, bisect)
@@ -132,6 +142,84 @@ def _compact(keys, sets, lines, cols, q, tv, tt, NEG_TIE: tl.constexpr, CAP: tl.
 
 
 @triton.jit
+def _line(keys, sets, idx, valid):
+    """``(key, qid)`` of the chunk ``idx`` (qid -1 = in no queue)."""
+    v = tl.load(keys + idx, mask=valid, other=INT32_MAX)
+    return v, tl.load(sets + idx, mask=valid, other=-1).to(tl.int32)
+
+
+@triton.jit
+def _joint_search(keys, sets, cols, lo_count, hi_count, NQ: tl.constexpr, CHUNK: tl.constexpr):
+    """Per-queue ``(tv, tt)`` (each ``[NQ]``): :func:`._common.queue_thresholds` on the streamed
+    key line, i.e. every queue's :func:`_search` in lockstep, one pass per probe for all queues."""
+    # one pass: member count, smallest and largest key of every queue (narrower tiles: nine
+    # accumulators)
+    SCH: tl.constexpr = CHUNK // 4
+    acc = queue_stats_parts(tl.full([SCH], INT32_MAX, tl.int32), tl.full([SCH], -1, tl.int32), NQ)
+    for c0 in range(0, cols, SCH):
+        idx = c0 + tl.arange(0, SCH)
+        v, qid = _line(keys, sets, idx, idx < cols)
+        acc = queue_stats_merge(acc, queue_stats_parts(v, qid, NQ))
+    n, vmin, vmax = queue_stats_reduce(acc, NQ)
+    lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
+        n, vmin, vmax, lo_count, hi_count)
+    going = searching & (hi - lo > 1)
+    steps = 0
+    while any_true(going) & (steps < 70):
+        mid = search_probe(lo, hi, c_lo, c_hi, target, bisect).to(tl.int32)
+        counts = tl.zeros([CHUNK], dtype=tl.int64)
+        for c0 in range(0, cols, CHUNK):
+            idx = c0 + tl.arange(0, CHUNK)
+            v, qid = _line(keys, sets, idx, idx < cols)
+            counts += tl.where(v <= pick(qid, mid, NQ), queue_field(qid), 0)
+        c = unpack_counts(tl.sum(counts, axis=0), NQ)
+        lo, hi, c_lo, c_hi, tv, searching, bisect, going = joint_step(
+            c, mid.to(tl.int64), lo, hi, c_lo, c_hi, tv, searching, bisect, going, lo_count, hi_count)
+        steps += 1
+    if any_true(searching):
+        # tie blocks at key hi straddle the wanted counts: split them by the tie key
+        value = hi.to(tl.int32)
+        tlo = lo * 0 - cols - 1                      # ties are +-col, within (-cols-1, cols]
+        thi = lo * 0 + cols
+        tt = tl.where(searching, thi.to(tl.int32), tt)
+        tgoing = searching & (thi - tlo > 1)
+        while any_true(tgoing):
+            mid = tlo + (thi - tlo) // 2
+            counts = tl.zeros([CHUNK], dtype=tl.int64)
+            for c0 in range(0, cols, CHUNK):
+                idx = c0 + tl.arange(0, CHUNK)
+                v, qid = _line(keys, sets, idx, idx < cols)
+                tie = tl.where(qid == 0, -idx, idx)
+                hit = (v == pick(qid, value, NQ)) & (tie <= pick(qid, mid.to(tl.int32), NQ))
+                counts += tl.where(hit, queue_field(qid), 0)
+            c = unpack_counts(tl.sum(counts, axis=0), NQ)
+            tlo, thi, tt, tgoing = joint_tie_step(c, mid, tlo, thi, tt, tgoing,
+                                                  lo_count - c_lo, hi_count - c_lo)
+        tv = tl.where(searching, value, tv)
+    return tv, tt
+
+
+@triton.jit
+def _compact_joint(keys, sets, lines, cols, tvq, ttq, NQ: tl.constexpr, CAP: tl.constexpr,
+                   CHUNK: tl.constexpr):
+    """One pass storing the int64 keys of every queue's selected members into its ``[CAP]``
+    line (positions from one int64 scan of 16-bit per-queue fields, as in :mod:`.refine_select`)."""
+    carry = tl.zeros([1], dtype=tl.int64).sum(axis=0)
+    for c0 in range(0, cols, CHUNK):
+        idx = c0 + tl.arange(0, CHUNK)
+        v, qid = _line(keys, sets, idx, idx < cols)
+        tie = tl.where(qid == 0, -idx, idx)
+        tv = pick(qid, tvq, NQ)
+        sel = (qid >= 0) & ((v < tv) | ((v == tv) & (tie <= pick(qid, ttq, NQ))))
+        shift = tl.maximum(qid, 0).to(tl.int64) * 16
+        field = tl.where(sel, tl.full([CHUNK], 1, tl.int64) << shift, 0)
+        pos = ((carry + tl.cumsum(field, axis=0)) >> shift) & 0xFFFF
+        key = v.to(tl.int64) * 4294967296 + (tie.to(tl.int64) + 2147483648)
+        tl.store(lines + tl.maximum(qid, 0) * CAP + pos - 1, key, mask=sel)
+        carry += tl.sum(field, axis=0)
+
+
+@triton.jit
 def select_stream_kernel(
     w_ptr, s_ptr, sq_ptr, vp_ptr, scale_ptr, iscore_ptr, imask_ptr,       # inputs
     mask_ptr, e0_ptr, queue_ptr, qd_ptr, qa_ptr,                           # outputs
@@ -140,7 +228,7 @@ def select_stream_kernel(
     IS_NM: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MPAD: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SCORE: tl.constexpr,
     NQ: tl.constexpr, TPAD: tl.constexpr, CAP: tl.constexpr, STORE_A: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, JOINT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -218,9 +306,13 @@ def select_stream_kernel(
         tl.debug_barrier()
 
         # ---- SPEC §4/§5: per queue, a threshold keeping depth..CAP members, then compaction -
-        for q in tl.static_range(NQ):
-            qv, qt = _search(keys, sets, cols, q, depth, CAP, q == 0, True, CHUNK)
-            _compact(keys, sets, lines, cols, q, qv, qt, q == 0, CAP, CHUNK)
+        if JOINT:
+            tvq, ttq = _joint_search(keys, sets, cols, depth, CAP, NQ, CHUNK)
+            _compact_joint(keys, sets, lines, cols, tvq, ttq, NQ, CAP, CHUNK)
+        else:
+            for q in tl.static_range(NQ):
+                qv, qt = _search(keys, sets, cols, q, depth, CAP, q == 0, True, CHUNK)
+                _compact(keys, sets, lines, cols, q, qv, qt, q == 0, CAP, CHUNK)
         tl.debug_barrier()                     # the compacted keys are visible to every thread
         head = tl.sort(tl.load(lines + qq * CAP + slot), dim=1)
         store_queues(head, row64, w_row, s_ptr, sq_ptr, queue_ptr, qd_ptr, qa_ptr, NQ, TPAD, STORE_A)
