@@ -274,6 +274,15 @@ def joint_step(c, mid, lo, hi, c_lo, c_hi, tv, searching, bisect, going, lo_coun
 
 
 @triton.jit
+def joint_tie_start(lo, tt, searching, cols):
+    """Tie-split state ``(tlo, thi, tt, going)`` for the queues still ``searching`` after the
+    value search (ties are +-col, within ``(-cols-1, cols]``)."""
+    tlo = lo * 0 - cols - 1
+    thi = lo * 0 + cols
+    return tlo, thi, tl.where(searching, thi.to(tl.int32), tt), searching & (thi - tlo > 1)
+
+
+@triton.jit
 def joint_tie_step(c, mid, tlo, thi, tt, going, need_lo, need_hi):
     """:func:`tie_step` for the queues still ``going``; returns ``(tlo, thi, tt, going)``."""
     tlo2, thi2, tt2, going2 = tie_step(c, mid, tlo, thi, tt, need_lo, need_hi)
@@ -308,10 +317,7 @@ def queue_thresholds(v, tie, qid, lo_count, hi_count, cols, NQ: tl.constexpr):
         # tie blocks at key hi straddle the wanted counts: split them by the tie key
         value = hi.to(tl.int32)
         tfield = tl.where(v == pick(qid, value, NQ), field, 0)
-        tlo = lo * 0 - cols - 1                      # ties are +-col, within (-cols-1, cols]
-        thi = lo * 0 + cols
-        tt = tl.where(searching, thi.to(tl.int32), tt)
-        tgoing = searching & (thi - tlo > 1)
+        tlo, thi, tt, tgoing = joint_tie_start(lo, tt, searching, cols)
         while any_true(tgoing):
             mid = tlo + (thi - tlo) // 2
             c = unpack_counts(tl.sum(tl.where(tie <= pick(qid, mid.to(tl.int32), NQ), tfield, 0),

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, any_true, count_min_max, init_score, joint_step,
-                      joint_tie_step, ordered32, pick, queue_field, queue_stats_merge,
+                      joint_tie_start, joint_tie_step, ordered32, pick, queue_field, queue_stats_merge,
                       queue_stats_parts, queue_stats_reduce, search_probe, search_start,
                       search_step, store_queues, tie_step, unpack_counts)
 
@@ -179,10 +179,7 @@ def _joint_search(keys, sets, cols, lo_count, hi_count, NQ: tl.constexpr, CHUNK:
     if any_true(searching):
         # tie blocks at key hi straddle the wanted counts: split them by the tie key
         value = hi.to(tl.int32)
-        tlo = lo * 0 - cols - 1                      # ties are +-col, within (-cols-1, cols]
-        thi = lo * 0 + cols
-        tt = tl.where(searching, thi.to(tl.int32), tt)
-        tgoing = searching & (thi - tlo > 1)
+        tlo, thi, tt, tgoing = joint_tie_start(lo, tt, searching, cols)
         while any_true(tgoing):
             mid = tlo + (thi - tlo) // 2
             counts = tl.zeros([CHUNK], dtype=tl.int64)
