@@ -39,7 +39,8 @@ SCRIPT = textwrap.dedent(r"""
         nm = case.startswith("stream-nm")
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, MPAD=4 if nm else 16384,
                      HAS_MASK=False, HAS_SCORE=False, NQ=2 if nm else 4, TPAD=64, CAP=128,
-                     STORE_A=not nm, CHUNK=1024, JOINT=not case.endswith("-serial"))
+                     STORE_A=not nm, CHUNK=128 if case.endswith("-narrow") else 1024,
+                     JOINT=not case.endswith("-serial"))
     elif case.startswith("select"):
         fn, warps = select_kernel, 8
         sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
@@ -77,6 +78,7 @@ SCRIPT = textwrap.dedent(r"""
 
 CASES = [("select-unstructured", "fp16"), ("select-nm", "bf16"), ("stream-unstructured", "fp16"),
          ("stream-nm", "bf16"), ("select-unstructured-serial", "fp16"), ("stream-nm-serial", "bf16"),
+         ("stream-unstructured-narrow", "fp16"),
          ("cycles-unstructured", "fp16"),
          ("cycles-nm", "fp32"), ("stats", "fp16")]
 

@@ -110,8 +110,8 @@ def test_init_methods(init, pattern, select):
 @pytest.mark.parametrize("queue_search", ["joint", "serial"])
 def test_heavy_ties(pattern, init, cap, select, queue_search):
     """Few distinct weights and column factors: scores tie in whole blocks, so the selections
-    must fall back to the column order (the int64 key rule) inside a tie block (for the joint
-    queue search: several queues split their tie blocks in the same lockstep loop)."""
+    must fall back to the column order (the int64 key rule) inside a tie block (cap 8: inside
+    a queue's tie block; the magnitude case: inside the initial mask's)."""
     gen = torch.Generator().manual_seed(8)
     out, inn = 12, 160
     w = (torch.randint(-6, 7, (out, inn), generator=gen).float() / 4).to(DEVICE)
@@ -123,6 +123,34 @@ def test_heavy_ties(pattern, init, cap, select, queue_search):
                           update_threshold=0.01)
     _check(w, stats, cfg, f"ties-{pattern}-{init}-{select}-{queue_search}", cap=cap, select=select,
            chunk=64, queue_search=queue_search)
+
+
+@pytest.mark.parametrize("select", ["rows", "stream"])
+@pytest.mark.parametrize("queue_search", ["joint", "serial"])
+def test_ties_in_every_queue(select, queue_search):
+    """Weights +-1 and column sums +-1: every queue's keys are all equal and each queue holds
+    more than ``cap`` members, so all four queues split their tie blocks by column at once (in
+    the same lockstep loop for the joint search)."""
+    gen = torch.Generator().manual_seed(11)
+    out, inn = 6, 96
+    w = torch.where(torch.rand(out, inn, generator=gen) < 0.5, -1.0, 1.0).to(DEVICE)
+    stats = dk.LayerStats(sum_metric_row=torch.where(torch.rand(inn, generator=gen) < 0.5, -1.0, 1.0),
+                          scaler_row=torch.full((inn,), 4.0), var=torch.ones(inn), nsamples=4,
+                          ntokens=128).to(DEVICE)
+    cfg = dk.RefineConfig(sparsity=0.5, max_cycle_time=9, update_threshold=0.0)
+    _check(w, stats, cfg, f"ties-everywhere-{select}-{queue_search}", cap=8, select=select, chunk=32,
+           queue_search=queue_search)
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("1:2", 0.5), ("unstructured", 0.5)])
+@pytest.mark.parametrize("queue_search", ["joint", "serial"])
+def test_two_column_rows(pattern, sparsity, queue_search):
+    """Rows of two columns: the streamed kernel's chunk (and its stats tile) shrink to the row."""
+    w, stats = _layer(3, 2, "fp32", seed=3)
+    cfg = dk.RefineConfig(sparsity=sparsity, pattern=pattern, max_cycle_time=3, update_threshold=0.0)
+    for select in ("auto", "stream"):
+        _check(w, stats, cfg, f"{pattern}-2-cols-{select}-{queue_search}", cap=8, select=select,
+               queue_search=queue_search, want_swaps=False)
 
 
 @pytest.mark.parametrize("select,chunk,queue_search", [("rows", 1024, "joint"), ("stream", 32, "joint"),
@@ -191,6 +219,10 @@ def test_bad_input_is_rejected():
     wide_problem, _ = dk.build_problem(wide, wide_stats, dk.RefineConfig(sparsity=0.5))
     with pytest.raises(ValueError, match="65535 columns"):
         refine_triton(wide_problem, queue_search="joint")
+    # auto: joint up to the 16-bit count fields' limit, serial beyond
+    from dsnot_kernels.ops.refine import _joint_search
+    assert _joint_search("auto", 65535) and not _joint_search("auto", 65536)
+    assert not _joint_search("serial", 4096) and _joint_search("joint", 4096)
     with pytest.raises(ValueError, match=r"\[batch, seq, in\]"):
         batch_partial_sums(torch.zeros(4, 4, device=DEVICE))
     with pytest.raises(TypeError, match="float16"):

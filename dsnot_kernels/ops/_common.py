@@ -72,7 +72,8 @@ def search_probe(lo, hi, c_lo, c_hi, target, bisect):
     """The next key to count: where linear interpolation of the counts reaches ``target``, or
     the midpoint after a probe that did not halve the interval; always inside ``(lo, hi)``."""
     span = hi - lo
-    frac = (target - c_lo.to(tl.float64)) / (c_hi - c_lo).to(tl.float64)
+    # (a finished or empty queue of the joint search has c_hi == c_lo: keep its probe finite)
+    frac = (target - c_lo.to(tl.float64)) / tl.maximum(c_hi - c_lo, 1).to(tl.float64)
     guess = lo + (span.to(tl.float64) * frac).to(tl.int64)
     mid = tl.where(bisect, lo + span // 2, guess)
     return tl.minimum(tl.maximum(mid, lo + 1), hi - 1)

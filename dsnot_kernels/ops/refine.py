@@ -59,6 +59,14 @@ def _stream_programs(device: torch.device, per_sm: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count * max(1, int(per_sm))
 
 
+def _joint_search(queue_search: str, cols: int) -> bool:
+    """Whether the select kernel searches the queues jointly (``queue_search`` already checked)."""
+    if queue_search == "joint" and cols > JOINT_MAX_COLS:
+        raise ValueError(f"queue_search='joint' needs rows of at most {JOINT_MAX_COLS} columns, "
+                         f"got {cols}: use 'auto' or 'serial'")
+    return queue_search != "serial" and cols <= JOINT_MAX_COLS
+
+
 def _num_warps(block: int, nm: bool) -> int:
     # about 16 elements per thread per row tensor: 8 warps at in = 4096, 32 at in = 16384;
     # N:M rows of <= 4096 ran best on 4 (H100 num_warps sweep; auto sends N:M to the streamed
@@ -106,10 +114,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
         empty = torch.zeros(rows, dtype=torch.float32, device=device)
         return RefineOutput(mask, swaps.zero_(), empty, empty.clone())
 
-    if queue_search == "joint" and cols > JOINT_MAX_COLS:
-        raise ValueError(f"queue_search='joint' needs rows of at most {JOINT_MAX_COLS} columns, "
-                         f"got {cols}: use 'auto' or 'serial'")
-    joint = queue_search != "serial" and cols <= JOINT_MAX_COLS
+    joint = _joint_search(queue_search, cols)
     nm = problem.is_nm
     n, m = (problem.prune_n, problem.prune_m) if nm else (0, 0)
     if nm:

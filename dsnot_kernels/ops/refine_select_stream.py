@@ -154,7 +154,7 @@ def _joint_search(keys, sets, cols, lo_count, hi_count, NQ: tl.constexpr, CHUNK:
     key line, i.e. every queue's :func:`_search` in lockstep, one pass per probe for all queues."""
     # one pass: member count, smallest and largest key of every queue (narrower tiles: nine
     # accumulators)
-    SCH: tl.constexpr = CHUNK // 4
+    SCH: tl.constexpr = CHUNK // 4 if CHUNK >= 4 else 1
     acc = queue_stats_parts(tl.full([SCH], INT32_MAX, tl.int32), tl.full([SCH], -1, tl.int32), NQ)
     for c0 in range(0, cols, SCH):
         idx = c0 + tl.arange(0, SCH)
