@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh bench     # bench_refine: every backend + the LLaMA-7B set, with
 #                                            #   the triton variants in $VARIANTS side by side
 #   bash benchmarks/gpu_session.sh profile   # profile_refine --sweep (per-kernel times, knob sweeps)
+#                                            #   for $SHAPES (default 4096x4096; one shape per call)
 #
 # Logs and result files go to $OUT/gpu_session/ (the device tool's output folder; /tmp without
 # it); copy bench_refine.{csv,json} from there to benchmarks/results/<GPU name>/ and commit them.
@@ -16,7 +17,7 @@ step="${1:?usage: gpu_session.sh build|test|bench|profile}"
 dest="${OUT:-/tmp}/gpu_session"
 mkdir -p "$dest"
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-VARIANTS="${VARIANTS:-queue_search=serial}"
+VARIANTS="${VARIANTS:-queue_search=serial;select=stream,num_warps=1,chunk=128,programs_per_sm=16}"
 
 case "$step" in
   build)
@@ -36,7 +37,9 @@ case "$step" in
       --out "$dest" 2>&1 | tee "$dest/bench_refine.log"
     ;;
   profile)
-    python benchmarks/profile_refine.py --sweep 2>&1 | tee "$dest/profile_refine.log"
+    # one shape per call keeps the sweep's Triton compiles inside the 10-minute limit
+    python benchmarks/profile_refine.py --sweep --shapes "${SHAPES:-4096x4096}" 2>&1 \
+      | tee "$dest/profile_refine.log"
     ;;
   *)
     echo "unknown step '$step': use build, test, bench or profile" >&2

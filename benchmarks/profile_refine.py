@@ -18,6 +18,24 @@ import dsnot_kernels as dk
 from bench_refine import make_problem, time_call  # noqa: E402
 
 
+# Launch knobs of refine_triton tried by --sweep (each with both queue searches). The one-warp
+# streamed configurations are "a warp per row": every reduction is warp-local (no block
+# barriers) and many independent programs share an SM; chunk >= 32 x warps (the launcher
+# raises smaller chunks to that).
+SWEEP = [
+    {"select": "rows"}, {"select": "rows", "num_warps": 4}, {"select": "rows", "num_warps": 16},
+    {"select": "stream"},                                           # 4 warps, chunk 1024, 8/SM
+    {"select": "stream", "chunk": 512}, {"select": "stream", "chunk": 2048},
+    {"select": "stream", "programs_per_sm": 4},
+    {"select": "stream", "num_warps": 2, "chunk": 256, "programs_per_sm": 8},
+    {"select": "stream", "num_warps": 2, "chunk": 256, "programs_per_sm": 16},
+    {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 8},
+    {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 16},
+    {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 24},
+    {"select": "stream", "num_warps": 1, "chunk": 256, "programs_per_sm": 16},
+]
+
+
 def wall(fn, repeats: int = 10) -> float:
     """Median synchronised wall seconds of ``fn()`` after one warm-up."""
     return time_call(fn, "cuda", repeats)[0]
@@ -64,20 +82,13 @@ def main() -> None:
                 print(f"   {us/1e3:8.3f} ms  {name}")
             if args.sweep and args.backend == "triton":
                 for search in ("joint", "serial"):
-                    t = wall(lambda: refine_triton(problem, select="rows", queue_search=search), repeats=5)
-                    print(f"   sweep select=rows queue_search={search} (one row per program): "
-                          f"{t*1e3:.3f} ms", flush=True)
-                for search in ("joint", "serial"):
-                    for chunk in (512, 1024, 2048):
-                        for per_sm in (2, 4, 8):
-                            try:
-                                t = wall(lambda: refine_triton(problem, select="stream", chunk=chunk,
-                                                               programs_per_sm=per_sm,
-                                                               queue_search=search), repeats=5)
-                                print(f"   sweep select=stream queue_search={search} chunk={chunk} "
-                                      f"programs_per_sm={per_sm}: {t*1e3:.3f} ms", flush=True)
-                            except Exception as exc:  # noqa: BLE001
-                                print(f"   sweep chunk={chunk} per_sm={per_sm}: {type(exc).__name__} {exc}"[:200])
+                    for knobs in SWEEP:
+                        label = " ".join(f"{k}={v}" for k, v in knobs.items())
+                        try:
+                            t = wall(lambda: refine_triton(problem, queue_search=search, **knobs), repeats=5)
+                            print(f"   sweep queue_search={search} {label}: {t*1e3:.3f} ms", flush=True)
+                        except Exception as exc:  # noqa: BLE001
+                            print(f"   sweep queue_search={search} {label}: {type(exc).__name__} {exc}"[:200])
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(r"""
     case, cc = sys.argv[1], int(sys.argv[2])
     W = "*" + sys.argv[3]
     if case.startswith("stream"):
-        fn, warps = select_stream_kernel, 4
+        fn, warps = select_stream_kernel, 1 if case.endswith("-1warp") else 4
         sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
                    iscore_ptr="*fp32", imask_ptr="*u8", mask_ptr="*u8", e0_ptr="*fp64",
                    queue_ptr="*i32", qd_ptr="*fp32", qa_ptr="*fp32", key_ptr="*i32", set_ptr="*i8",
@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(r"""
         nm = case.startswith("stream-nm")
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, MPAD=4 if nm else 16384,
                      HAS_MASK=False, HAS_SCORE=False, NQ=2 if nm else 4, TPAD=64, CAP=128,
-                     STORE_A=not nm, CHUNK=128 if case.endswith("-narrow") else 1024,
+                     STORE_A=not nm, CHUNK=128 if case.endswith(("-narrow", "-1warp")) else 1024,
                      JOINT=not case.endswith("-serial"))
     elif case.startswith("select"):
         fn, warps = select_kernel, 8
@@ -78,7 +78,8 @@ SCRIPT = textwrap.dedent(r"""
 
 CASES = [("select-unstructured", "fp16"), ("select-nm", "bf16"), ("stream-unstructured", "fp16"),
          ("stream-nm", "bf16"), ("select-unstructured-serial", "fp16"), ("stream-nm-serial", "bf16"),
-         ("stream-unstructured-narrow", "fp16"),
+         ("stream-unstructured-narrow", "fp16"), ("stream-unstructured-1warp", "fp16"),
+         ("stream-nm-1warp", "bf16"),
          ("cycles-unstructured", "fp16"),
          ("cycles-nm", "fp32"), ("stats", "fp16")]
 

@@ -233,7 +233,8 @@ def test_bad_input_is_rejected():
 # GPU: the same parity at LLaMA sizes (a subset of rows checked against the reference)
 # ------------------------------------------------------------------------------------------------
 GPU_KNOBS = [{}, {"select": "rows", "queue_search": "serial"}, {"select": "stream", "queue_search": "serial"},
-             {"select": "rows", "queue_search": "joint"}, {"select": "stream", "queue_search": "joint"}]
+             {"select": "rows", "queue_search": "joint"}, {"select": "stream", "queue_search": "joint"},
+             {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 16}]
 
 
 @pytest.mark.gpu
