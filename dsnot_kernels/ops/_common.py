@@ -157,6 +157,13 @@ def init_score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE: tl.constexpr
 
 
 @triton.jit
+def queue_key(v, tie):
+    """int64 key ``v * 2^32 + tie + 2^31`` of a queue member: ascending key = pop order (the
+    tie is -col for grow+, col otherwise); :func:`store_queues` decodes it."""
+    return v.to(tl.int64) * 4294967296 + (tie.to(tl.int64) + 2147483648)
+
+
+@triton.jit
 def store_queues(head, row, w_row, s_ptr, sq_ptr, queue_ptr, qd_ptr, qa_ptr,
                  NQ: tl.constexpr, TPAD: tl.constexpr, STORE_A: tl.constexpr):
     """Write the first ``TPAD`` entries of each queue from its sorted keys ``head`` ``[NQ, CAP]``
@@ -275,9 +282,9 @@ def joint_step(c, mid, lo, hi, c_lo, c_hi, tv, searching, bisect, going, lo_coun
 
 
 @triton.jit
-def joint_tie_start(lo, tt, searching, cols):
-    """Tie-split state ``(tlo, thi, tt, going)`` for the queues still ``searching`` after the
-    value search (ties are +-col, within ``(-cols-1, cols]``)."""
+def tie_start(lo, tt, searching, cols):
+    """Tie-split state ``(tlo, thi, tt, going)`` for the searches (a scalar or ``[NQ]``) still
+    ``searching`` after the value search (ties are +-col, within ``(-cols-1, cols]``)."""
     tlo = lo * 0 - cols - 1
     thi = lo * 0 + cols
     return tlo, thi, tl.where(searching, thi.to(tl.int32), tt), searching & (thi - tlo > 1)
@@ -318,7 +325,7 @@ def queue_thresholds(v, tie, qid, lo_count, hi_count, cols, NQ: tl.constexpr):
         # tie blocks at key hi straddle the wanted counts: split them by the tie key
         value = hi.to(tl.int32)
         tfield = tl.where(v == pick(qid, value, NQ), field, 0)
-        tlo, thi, tt, tgoing = joint_tie_start(lo, tt, searching, cols)
+        tlo, thi, tt, tgoing = tie_start(lo, tt, searching, cols)
         while any_true(tgoing):
             mid = tlo + (thi - tlo) // 2
             c = unpack_counts(tl.sum(tl.where(tie <= pick(qid, mid.to(tl.int32), NQ), tfield, 0),

@@ -36,8 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (INT64_MAX, init_score, ordered32, pick, queue_thresholds, store_queues,
-                      threshold32)
+from ._common import (INT64_MAX, init_score, ordered32, pick, queue_field, queue_key,
+                      queue_thresholds, store_queues, threshold32)
 
 
 @triton.jit
@@ -130,11 +130,9 @@ def select_kernel(
             sel = sel | (member & ((v < tv) | ((v == tv) & (tie <= tt))))
     qid = tl.maximum(qid, 0).to(tl.int64)              # (unselected weights: any field)
     # one scan for all queues: 16-bit count fields, one per queue (counts <= CAP < 2^16)
-    field = tl.where(sel, tl.full([BLOCK], 1, tl.int64) << (qid * 16), 0)
+    field = tl.where(sel, queue_field(qid), 0)
     pos = (tl.cumsum(field, axis=0) >> (qid * 16)) & 0xFFFF
-    # (v, tie) as one int64 key: ascending key == pop order
-    key = v.to(tl.int64) * 4294967296 + (tie.to(tl.int64) + 2147483648)
-    tl.store(scratch_ptr + row * (NQ * CAP) + qid * CAP + pos - 1, key, mask=sel)
+    tl.store(scratch_ptr + row * (NQ * CAP) + qid * CAP + pos - 1, queue_key(v, tie), mask=sel)
     counts = tl.sum(field, axis=0)
     tl.debug_barrier()                 # the compacted lines are visible to every thread
     qq = tl.arange(0, NQ)[:, None]

@@ -37,9 +37,9 @@ import triton
 import triton.language as tl
 
 from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, any_true, count_min_max, init_score, joint_step,
-                      joint_tie_start, joint_tie_step, ordered32, pick, queue_field, queue_stats_merge,
+                      joint_tie_step, ordered32, pick, queue_field, queue_key, queue_stats_merge,
                       queue_stats_parts, queue_stats_reduce, search_probe, search_start,
-                      search_step, store_queues, tie_step, unpack_counts)
+                      search_step, store_queues, tie_start, tie_step, unpack_counts)
 
 
 @triton.jit
@@ -112,10 +112,7 @@ def _search(keys, sets, cols, q, lo_count, hi_count, NEG_TIE: tl.constexpr, HAS_
     if searching:
         # a tie block at key hi straddles the wanted count: split it by the tie key
         value = hi.to(tl.int32)
-        tlo = lo * 0 - cols - 1                      # ties are +-col, within (-cols-1, cols]
-        thi = lo * 0 + cols
-        tt = thi.to(tl.int32)
-        going = thi - tlo > 1
+        tlo, thi, tt, going = tie_start(lo, tt, searching, cols)
         while going:
             mid = tlo + (thi - tlo) // 2
             c = _count_tie(keys, sets, cols, q, value, mid.to(tl.int32), NEG_TIE, HAS_SET, CHUNK)
@@ -136,8 +133,7 @@ def _compact(keys, sets, lines, cols, q, tv, tt, NEG_TIE: tl.constexpr, CAP: tl.
         tie = -idx if NEG_TIE else idx
         sel = member & ((v < tv) | ((v == tv) & (tie <= tt)))
         pos = carry + tl.cumsum(sel.to(tl.int32), axis=0)
-        key = v.to(tl.int64) * 4294967296 + (tie.to(tl.int64) + 2147483648)
-        tl.store(lines + q * CAP + pos - 1, key, mask=sel)
+        tl.store(lines + q * CAP + pos - 1, queue_key(v, tie), mask=sel)
         carry += tl.sum(sel.to(tl.int32), axis=0)
 
 
@@ -179,7 +175,7 @@ def _joint_search(keys, sets, cols, lo_count, hi_count, NQ: tl.constexpr, CHUNK:
     if any_true(searching):
         # tie blocks at key hi straddle the wanted counts: split them by the tie key
         value = hi.to(tl.int32)
-        tlo, thi, tt, tgoing = joint_tie_start(lo, tt, searching, cols)
+        tlo, thi, tt, tgoing = tie_start(lo, tt, searching, cols)
         while any_true(tgoing):
             mid = tlo + (thi - tlo) // 2
             counts = tl.zeros([CHUNK], dtype=tl.int64)
@@ -208,11 +204,10 @@ def _compact_joint(keys, sets, lines, cols, tvq, ttq, NQ: tl.constexpr, CAP: tl.
         tie = tl.where(qid == 0, -idx, idx)
         tv = pick(qid, tvq, NQ)
         sel = (qid >= 0) & ((v < tv) | ((v == tv) & (tie <= pick(qid, ttq, NQ))))
-        shift = tl.maximum(qid, 0).to(tl.int64) * 16
-        field = tl.where(sel, tl.full([CHUNK], 1, tl.int64) << shift, 0)
-        pos = ((carry + tl.cumsum(field, axis=0)) >> shift) & 0xFFFF
-        key = v.to(tl.int64) * 4294967296 + (tie.to(tl.int64) + 2147483648)
-        tl.store(lines + tl.maximum(qid, 0) * CAP + pos - 1, key, mask=sel)
+        q = tl.maximum(qid, 0)                                  # (unselected weights: any field)
+        field = tl.where(sel, queue_field(q), 0)
+        pos = ((carry + tl.cumsum(field, axis=0)) >> (q.to(tl.int64) * 16)) & 0xFFFF
+        tl.store(lines + q * CAP + pos - 1, queue_key(v, tie), mask=sel)
         carry += tl.sum(field, axis=0)
 
 
