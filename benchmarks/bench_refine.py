@@ -207,6 +207,7 @@ def main(argv=None) -> int:
                              "named triton[...], also in the LLaMA-7B set)")
     args = parser.parse_args(argv)
     variants = parse_variants(args.triton_variants)
+    variant_knobs = {variant_name(k): k for k in variants}        # extra row name -> knobs
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
         if "reference" not in names:
             names = ["reference"] + names
         if "triton" in names:
-            names += [variant_name(k) for k in variants]
+            names += list(variant_knobs)
         for si, (out_f, in_f) in enumerate(shapes):
             weight, stats = make_problem(out_f, in_f, args.device)
             cfg = dk.RefineConfig(sparsity=args.sparsity, pattern=pattern)
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
             for name in names:
                 holder = {}
 
-                knobs = next((k for k in variants if variant_name(k) == name), None)
+                knobs = variant_knobs.get(name)
 
                 def run(name=name, knobs=knobs):
                     if knobs is None:

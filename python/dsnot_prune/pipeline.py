@@ -46,7 +46,7 @@ from .models import (DriverError, find_decoder_layers, find_linears, is_skipped,
 # where the published settings made 50/60/70% unstructured worse. The library's refine() keeps the
 # published settings as its default (RefineConfig()), for fidelity to the paper.
 # For N:M patterns the published settings measured better (2:4: 197.0 vs robust 224.7), so a run
-# that names no --preset uses "original" there (default_preset).
+# that names no --preset uses "original" there (PruneArgs.preset_name).
 DEFAULT_PRESET = "robust"
 # Which sublayers keep their initial mask when --skip is not given: the original skips the MLP;
 # the robust checks only accept swaps that lower the error estimate, so every sublayer is refined.
@@ -63,7 +63,7 @@ class PruneArgs:
     pattern: str = "unstructured"
     init: str = "wanda"
     refine: bool = True
-    preset: Optional[str] = None                   # None = default_preset(pattern)
+    preset: Optional[str] = None                   # None = preset_name() picks by pattern
     max_cycle_time: Optional[int] = None           # None = the preset's value
     update_threshold: Optional[float] = None
     pow_of_var_regrowing: Optional[float] = None
