@@ -4,11 +4,15 @@
     python benchmarks/profile_refine.py --sweep      # also try select/cycles launch knobs
 
 Prints, per shape and pattern: the wall time of ``dk.refine`` (median of repeats, synchronised),
-the GPU time of each kernel launched by one call (profiler), and the host time left over.
+its host time (until the call returns) and its time per call in a loop of calls (host work of
+one call overlapping GPU work of the last), the GPU time of each kernel launched by one call
+(profiler), and with --sweep the wall time of ``refine_triton`` under other launch knobs.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections import defaultdict
 
 import torch
@@ -39,6 +43,25 @@ SWEEP = [
 def wall(fn, repeats: int = 10) -> float:
     """Median synchronised wall seconds of ``fn()`` after one warm-up."""
     return time_call(fn, "cuda", repeats)[0]
+
+
+def host_and_loop(fn, calls: int = 20) -> tuple:
+    """``(host, loop)`` seconds per call: ``host`` = until ``fn()`` returns, the GPU idle at the
+    start (what the caller's Python waits); ``loop`` = ``calls`` calls back to back, then one
+    sync, divided by ``calls`` (a layer-wise run's throughput: host work overlaps GPU work)."""
+    fn(); torch.cuda.synchronize()
+    host = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return statistics.median(host), (time.perf_counter() - start) / calls
 
 
 def kernel_times(fn, repeats: int = 5) -> dict:
@@ -73,8 +96,10 @@ def main() -> None:
             t_all = wall(lambda: dk.refine(weight, stats, cfg, backend=args.backend))
             t_build = wall(lambda: build_problem(weight, stats, cfg))
             problem, _ = build_problem(weight, stats, cfg)
+            t_host, t_loop = host_and_loop(lambda: dk.refine(weight, stats, cfg, backend=args.backend))
             print(f"\n== {shape} {pattern} {args.backend}: refine {t_all*1e3:.3f} ms, "
-                  f"build_problem {t_build*1e3:.3f} ms", flush=True)
+                  f"build_problem {t_build*1e3:.3f} ms, refine host (until it returns) "
+                  f"{t_host*1e3:.3f} ms, refine in a loop {t_loop*1e3:.3f} ms/call", flush=True)
             if args.backend == "triton":
                 t_tr = wall(lambda: refine_triton(problem))
                 print(f"   refine_triton {t_tr*1e3:.3f} ms", flush=True)

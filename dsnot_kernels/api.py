@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .backends import choose_backend, run_backend
-from .problem import RefineProblem, column_factors
+from .problem import RefineOutput, RefineProblem, column_factors
 from .sparsegpt import sparsegpt_prune, sparsegpt_saliency
 from .types import LayerStats, RefineConfig, RefineResult
 
@@ -43,30 +43,90 @@ def _weight_of(layer: LayerLike, name: str = "layer") -> torch.Tensor:
     return weight.contiguous()
 
 
-def _check_values(checks: Sequence[Tuple[str, torch.Tensor, bool]]) -> None:
-    """Raise for the first ``(name, tensor, must_be_nonnegative)`` holding NaN/inf (or a negative).
+class _ValueChecks:
+    """Value checks of the inputs (NaN/inf, negatives, N:M mask counts) whose verdicts reach the
+    host in ONE transfer, judged as late as the backend allows.
 
-    One ``aminmax`` per tensor answers both questions (NaN propagates into min/max, ±inf shows
-    up in one of them; it is several times faster than ``isfinite().all()`` on fp16). The
-    minima and maxima travel to the host in ONE transfer and are judged there: on a GPU every
-    extra kernel or ``bool(...)`` costs a launch or a sync. The sync comes before the backend's
-    kernels are queued, so a caller's next ``refine`` overlaps this one's GPU work (judging
-    after the kernels instead was measured ~0.25 ms slower per call in a loop of calls).
+    Why: on a GPU every ``bool(tensor)`` is a host sync, and a sync before the backend's kernels
+    are queued leaves the GPU idle while the host finishes the problem and launches them.
+    :func:`refine` therefore queues these small reductions, starts the copy of their results
+    (pinned memory + an event on CUDA), queues the kernels, and only then waits -- for the copy,
+    which needs only the reductions (and earlier work), not this call's refinement. Bad input
+    still raises before anything is returned; the kernels' outputs are then dropped (they are
+    fresh tensors: the caller's layer and statistics are never written).
     """
-    checks = [c for c in checks if c[1].device.type != "meta" and c[1].numel() > 0]
-    if not checks:
-        return
-    extremes = []
-    for _, tensor, _ in checks:
+
+    def __init__(self) -> None:
+        self._pending: list = []   # (message, kind, [0-d tensors]) not yet sent
+        self._sent: list = []      # (items, positions, host values, ready event or None)
+
+    def finite(self, name: str, tensor: torch.Tensor, nonnegative: bool = False) -> None:
+        """Queue "``tensor`` holds no NaN/inf (and no negative if ``nonnegative``)"."""
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            return
+        # one aminmax answers both: NaN propagates into min/max, +-inf shows in one of them
         low, high = torch.aminmax(tensor)
-        extremes += [low.to(torch.float64), high.to(torch.float64)]
-    values = torch.stack(extremes).tolist()
-    for i, (name, _, nonnegative) in enumerate(checks):
-        low, high = values[2 * i], values[2 * i + 1]
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError(f"{name} contains NaN or inf")
-        if nonnegative and low < 0:
-            raise ValueError(f"{name} must be >= 0 (it is a mean of squares / a variance)")
+        self._pending.append((name, "nonnegative" if nonnegative else "finite", [low, high]))
+
+    def flag(self, message: str, bad: torch.Tensor) -> None:
+        """Queue "raise ValueError(``message``) if the 0-d bool ``bad`` is True"."""
+        if bad.device.type == "meta":
+            return
+        self._pending.append((message, "flag", [bad]))
+
+    def send(self) -> None:
+        """Start the transfer of the checks queued so far (one per device)."""
+        items, self._pending = self._pending, []
+        by_device: dict = {}
+        for item in items:
+            by_device.setdefault(item[2][0].device, []).append(item)
+        for device, dev_items in by_device.items():
+            # stack per dtype (one launch each), then one float64 vector: exact for every
+            # float dtype and for bools
+            by_dtype: dict = {}
+            positions = []
+            for _, _, values in dev_items:
+                pos = []
+                for value in values:
+                    group = by_dtype.setdefault(value.dtype, [])
+                    pos.append((value.dtype, len(group)))
+                    group.append(value)
+                positions.append(pos)
+            offsets, parts, start = {}, [], 0
+            for dtype, group in by_dtype.items():
+                offsets[dtype] = start
+                parts.append(torch.stack(group).to(torch.float64))
+                start += len(group)
+            values = parts[0] if len(parts) == 1 else torch.cat(parts)
+            flat = [[offsets[dtype] + i for dtype, i in pos] for pos in positions]
+            ready = None
+            if device.type == "cuda":
+                host = torch.empty(values.shape, dtype=torch.float64, pin_memory=True)
+                host.copy_(values, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(device))
+                values = host
+            self._sent.append((dev_items, flat, values, ready))
+
+    def judge(self) -> None:
+        """Wait for every queued check's verdict; raise for the first failure (queue order)."""
+        self.send()
+        sent, self._sent = self._sent, []
+        for items, positions, values, ready in sent:
+            if ready is not None:
+                ready.synchronize()
+            values = values.tolist()
+            for (name, kind, _), pos in zip(items, positions):
+                got = [values[p] for p in pos]
+                if kind == "flag":
+                    if got[0]:
+                        raise ValueError(name)
+                    continue
+                low, high = got
+                if not (math.isfinite(low) and math.isfinite(high)):
+                    raise ValueError(f"{name} contains NaN or inf")
+                if kind == "nonnegative" and low < 0:
+                    raise ValueError(f"{name} must be >= 0 (it is a mean of squares / a variance)")
 
 
 def _check_stats(stats: LayerStats, weight: torch.Tensor) -> None:
@@ -105,11 +165,14 @@ def _check_hessian(stats: LayerStats, weight: torch.Tensor) -> torch.Tensor:
                          f"got {getattr(h, 'shape', type(h).__name__)}")
     if h.device != weight.device:
         raise ValueError(f"stats.hessian is on {h.device} but the layer weight is on {weight.device}")
-    _check_values([("stats.hessian", h, False)])
+    checks = _ValueChecks()
+    checks.finite("stats.hessian", h)
+    checks.judge()
     return h
 
 
-def _check_initial_mask(mask: torch.Tensor, weight: torch.Tensor, cfg: RefineConfig) -> torch.Tensor:
+def _check_initial_mask(mask: torch.Tensor, weight: torch.Tensor, cfg: RefineConfig,
+                        checks: _ValueChecks) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"initial_mask must be a bool tensor [out, in] (True = pruned), "
                         f"got {getattr(mask, 'dtype', type(mask).__name__)}")
@@ -120,8 +183,8 @@ def _check_initial_mask(mask: torch.Tensor, weight: torch.Tensor, cfg: RefineCon
     n, m = cfg.nm
     if m:
         per_group = mask.reshape(mask.shape[0], -1, m).sum(-1)
-        if not bool((per_group == n).all()):
-            raise ValueError(f"initial_mask must prune exactly {n} of every {m} columns for pattern {cfg.pattern!r}")
+        checks.flag(f"initial_mask must prune exactly {n} of every {m} columns for pattern {cfg.pattern!r}",
+                    (per_group != n).any())
     return mask.contiguous()
 
 
@@ -139,23 +202,35 @@ def build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConfi
     ``shared_from``: a problem already built from the same ``stats`` (``refine_many``), whose
     checked statistics values and column factors are reused instead of recomputed.
     """
+    checks = _ValueChecks()
+    built = _build_problem(layer, stats, cfg, initial_mask, checks, shared_from=shared_from)
+    checks.judge()
+    return built
+
+
+def _build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConfig],
+                   initial_mask: Optional[torch.Tensor], checks: _ValueChecks, *,
+                   name: str = "layer", shared_from: Optional[RefineProblem] = None
+                   ) -> Tuple[RefineProblem, Optional[torch.Tensor]]:
+    """:func:`build_problem` with the value checks queued on ``checks`` (judged by the caller);
+    ``name`` names the layer in error messages."""
     cfg = RefineConfig() if cfg is None else cfg
     if not isinstance(cfg, RefineConfig):
         raise TypeError(f"cfg must be a dsnot_kernels.RefineConfig, got {type(cfg).__name__}")
     cfg.validate()
-    weight = _weight_of(layer)
+    weight = _weight_of(layer, name)
     _check_stats(stats, weight)
-    value_checks = [("layer weight", weight, False)]
+    checks.finite(f"{name} weight", weight)
     if shared_from is None:
-        value_checks += [("stats.sum_metric_row", stats.sum_metric_row, False),
-                         ("stats.scaler_row", stats.scaler_row, True), ("stats.var", stats.var, True)]
-    _check_values(value_checks)
+        checks.finite("stats.sum_metric_row", stats.sum_metric_row)
+        checks.finite("stats.scaler_row", stats.scaler_row, nonnegative=True)
+        checks.finite("stats.var", stats.var, nonnegative=True)
     n, m = cfg.nm
     in_features = weight.shape[1]
     if m and in_features % m:
         raise ValueError(f"pattern {cfg.pattern!r}: M={m} must divide the layer's in_features={in_features}")
     if initial_mask is not None:
-        initial_mask = _check_initial_mask(initial_mask, weight, cfg)
+        initial_mask = _check_initial_mask(initial_mask, weight, cfg, checks)
 
     if shared_from is None:
         s, sqrt_q, var_pow = column_factors(stats.sum_metric_row, stats.scaler_row, stats.var,
@@ -164,6 +239,7 @@ def build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConfi
         s, sqrt_q, var_pow = shared_from.sum_metric_row, shared_from.sqrt_scaler_row, shared_from.var_pow
     init_col_scale, init_score, updated = None, None, None
     if cfg.init == "sparsegpt":
+        checks.judge()   # SparseGPT's solve runs on these values right now: judge them first
         hessian = _check_hessian(stats, weight)
         if initial_mask is None:
             initial_mask, new_weight, init_score = sparsegpt_prune(weight, hessian, cfg.sparsity, n, m)
@@ -184,6 +260,19 @@ def build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConfi
         sign_check=cfg.resolved_sign_check(), improve_check=cfg.improve_check,
         moment_check=cfg.moment_check, seq_len=int(stats.ntokens) / int(stats.nsamples))
     return problem, updated
+
+
+def _run_checked(name: str, problem: RefineProblem, checks: _ValueChecks) -> RefineOutput:
+    """Run backend ``name`` on ``problem`` and judge ``checks``: after queueing the kernels
+    where the backend only queues GPU work whose loops are bounded whatever the values
+    (triton; ext on CUDA), so the GPU never waits for the host's verdict; before otherwise."""
+    if name == "triton" or (name == "ext" and problem.weight.device.type == "cuda"):
+        checks.send()        # the verdicts' copy is queued ahead of the kernels
+        out = run_backend(name, problem)
+        checks.judge()       # waits for that copy only (and work queued before it)
+        return out
+    checks.judge()
+    return run_backend(name, problem)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,9 +296,10 @@ def refine(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConfig] = No
         :class:`RefineResult` (``pruned_mask`` bool ``[out, in]``, ``swaps`` int32 ``[out]``,
         ``error_before``/``error_after`` float32 ``[out]``, ``backend``, ``updated_weight``).
     """
-    problem, updated = build_problem(layer, stats, cfg, initial_mask)
+    checks = _ValueChecks()
+    problem, updated = _build_problem(layer, stats, cfg, initial_mask, checks)
     name = choose_backend(backend, problem.weight.device, problem.is_nm)
-    out = run_backend(name, problem)
+    out = _run_checked(name, problem, checks)
     return RefineResult(*out, backend=name, updated_weight=updated)
 
 
@@ -228,23 +318,26 @@ def refine_many(layers: Sequence[LayerLike], stats: LayerStats, cfg: Optional[Re
     if initial_masks is not None and len(initial_masks) != len(layers):
         raise ValueError(f"initial_masks must have one entry per layer ({len(layers)}), got {len(initial_masks)}")
     masks = list(initial_masks) if initial_masks is not None else [None] * len(layers)
-    parts = [build_problem(layers[0], stats, cfg, masks[0])]
+    checks = _ValueChecks()     # every layer's value checks travel to the host together
+    parts = [_build_problem(layers[0], stats, cfg, masks[0], checks, name="layers[0]")]
     first = parts[0][0]
-    parts += [build_problem(layer, stats, cfg, mask, shared_from=first)        # stats checked once
-              for layer, mask in zip(layers[1:], masks[1:])]
+    parts += [_build_problem(layer, stats, cfg, mask, checks, name=f"layers[{i}]",
+                             shared_from=first)                              # stats checked once
+              for i, (layer, mask) in enumerate(zip(layers[1:], masks[1:]), start=1)]
     for i, (problem, _) in enumerate(parts):
         if problem.cols != first.cols or problem.weight.dtype != first.weight.dtype:
             raise ValueError(f"layers[{i}] has in_features={problem.cols}, dtype={problem.weight.dtype}; "
                              f"refine_many needs all layers to match layers[0] ({first.cols}, {first.weight.dtype})")
     any_mask = any(p.initial_mask is not None for p, _ in parts)
     if any_mask and not all(p.initial_mask is not None for p, _ in parts):
+        checks.judge()
         return [refine(layer, stats, cfg, backend=backend, initial_mask=mask) for layer, mask in zip(layers, masks)]
     cat = lambda field: (None if getattr(first, field) is None  # noqa: E731
                          else torch.cat([getattr(p, field) for p, _ in parts]))
     stacked = RefineProblem(**{**first.__dict__, "weight": cat("weight"), "init_score": cat("init_score"),
                                "initial_mask": cat("initial_mask")})
     name = choose_backend(backend, stacked.weight.device, stacked.is_nm)
-    out = run_backend(name, stacked)
+    out = _run_checked(name, stacked, checks)
     results, r0 = [], 0
     for problem, updated in parts:
         rs = slice(r0, r0 + problem.rows)
