@@ -17,7 +17,7 @@ step="${1:?usage: gpu_session.sh build|test|bench|profile}"
 dest="${OUT:-/tmp}/gpu_session"
 mkdir -p "$dest"
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-VARIANTS="${VARIANTS:-queue_search=serial;select=stream,num_warps=1,chunk=128,programs_per_sm=16}"
+VARIANTS="${VARIANTS:-queue_search=serial;select=stream;select=stream,num_warps=1,chunk=128,programs_per_sm=16}"
 
 case "$step" in
   build)

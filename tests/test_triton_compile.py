@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(r"""
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, MPAD=4 if nm else 16384,
                      HAS_MASK=False, HAS_SCORE=False, NQ=2 if nm else 4, TPAD=64, CAP=128,
                      STORE_A=not nm, CHUNK=128 if case.endswith(("-narrow", "-1warp")) else 1024,
-                     JOINT=not case.endswith("-serial"))
+                     JOINT=not case.endswith("-serial"), SMALL=64)
     elif case.startswith("select"):
         fn, warps = select_kernel, 8
         sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
@@ -68,9 +68,12 @@ SCRIPT = textwrap.dedent(r"""
         sig = dict(x_ptr=W, out_ptr="*fp64", seq="i32", width="i32", stride_b="i32", stride_t="i32")
         const = dict(BLOCK_T=32, BLOCK_C=64)
     sig.update({k: "constexpr" for k in const})
+    options = dict(num_warps=warps, enable_fp_fusion=False)
+    if case.startswith("stream-unstructured") and warps >= 4:
+        from dsnot_kernels.ops.refine import STREAM_MAXNREG
+        options["maxnreg"] = STREAM_MAXNREG           # as the launcher caps it
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
-                       target=GPUTarget("cuda", cc, 32),
-                       options=dict(num_warps=warps, enable_fp_fusion=False))
+                       target=GPUTarget("cuda", cc, 32), options=options)
     ptx = k.asm["ptx"]
     print(json.dumps(dict(ptx=len(ptx), cubin=len(k.asm["cubin"]), target=f".target sm_{cc}" in ptx,
                           local=ptx.count("st.local"), shared=k.metadata.shared)))

@@ -142,6 +142,27 @@ def test_ties_in_every_queue(select, queue_search):
            queue_search=queue_search)
 
 
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_streamed_kth_seed_across_rows(chunk):
+    """The streamed kernel seeds each row's k-th search from the previous row of its program
+    (scaled by the rows' mean scores) and finishes small brackets in registers. Seeds are only
+    probes, so rows that break the prediction must still come out exact: scales over six
+    decades, an all-zero row (mean score 0), a row of equal weights (one tie block wider than
+    the register endgame), a row with one huge weight; 3 programs under the interpreter, so
+    each program sees ~10 consecutive rows."""
+    gen = torch.Generator().manual_seed(21)
+    out, inn = 30, 150
+    w = torch.randn(out, inn, generator=gen) * torch.logspace(-3, 3, out)[torch.randperm(out, generator=gen)][:, None]
+    w[4] = 0.0
+    w[7] = 0.5
+    w[11, 3] = 1e4
+    _, stats = _layer(out, inn, "fp32", seed=21)
+    cfg = dk.RefineConfig(sparsity=0.6, max_cycle_time=12, update_threshold=0.0)
+    for cap in (8, 256):                    # register endgame of 32 and 64 columns
+        _check(w.to(DEVICE), stats, cfg, f"seeded-kth-chunk{chunk}-cap{cap}", cap=cap, select="stream",
+               chunk=chunk)
+
+
 @pytest.mark.parametrize("pattern,sparsity", [("1:2", 0.5), ("unstructured", 0.5)])
 @pytest.mark.parametrize("queue_search", ["joint", "serial"])
 def test_two_column_rows(pattern, sparsity, queue_search):

@@ -24,6 +24,11 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_CAP = 128          # keys kept per queue before the bitonic sort (>= the queue depth)
 MAX_CAP = 32768            # per-queue counts share one int64 scan in 16-bit fields
 JOINT_MAX_COLS = 65535     # the joint queue search counts whole rows in 16-bit fields
+KTH_SMALL = 64             # streamed k-th search: bracket size at which the rest is done in registers
+# register cap of the streamed kernel's multi-warp unstructured launch: uncapped, ptxas gives it
+# 218 registers at 4 warps (sm_90, AOT), i.e. two programs per SM; 168 compiles without spills
+# (160 used) and fits three
+STREAM_MAXNREG = 168
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -163,7 +168,8 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
             IS_NM=nm, N=n, M=max(m, 1), MPAD=mpad,
             HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
             NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, CHUNK=chunk, JOINT=joint,
-            num_warps=warps, enable_fp_fusion=False,
+            SMALL=min(KTH_SMALL, nq * cap), num_warps=warps, enable_fp_fusion=False,
+            **({"maxnreg": STREAM_MAXNREG} if not nm and warps >= 4 and not INTERPRET else {}),
         )
     else:
         scratch = torch.empty(rows, nq * cap, dtype=torch.int64, device=device)
