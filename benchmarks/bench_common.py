@@ -1,6 +1,8 @@
 """Helpers shared by the benchmark scripts (they run as scripts: this folder is on sys.path)."""
 from __future__ import annotations
 
+import csv
+import json
 import os
 import platform
 import re
@@ -24,3 +26,24 @@ def machine_name(device: str) -> str:
             pass
         name = f"cpu-{os.cpu_count()}core-{model}"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+
+
+def write_results_atomic(out_dir: Path, stem: str, summary: dict, csv_rows: list) -> None:
+    """Write ``<stem>.json`` (``summary``) and ``<stem>.csv`` (``csv_rows``, dicts; their keys
+    are the columns, list-valued ones left out) under ``out_dir``, each to a temporary name
+    first and then renamed, so a reader (or a run killed by a time limit mid-write) never sees
+    a half-written file. Scripts call it after every measurement: what was measured survives
+    an interrupted run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{stem}.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out_dir / f"{stem}.json")
+    if not csv_rows:
+        return
+    fields = [k for k in csv_rows[0] if not isinstance(csv_rows[0][k], (list, dict))]
+    tmp = out_dir / f".{stem}.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(csv_rows)
+    tmp.replace(out_dir / f"{stem}.csv")

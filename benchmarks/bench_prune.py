@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime as dt
 import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -40,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))   # runn
 from dsnot_prune import data as data_mod  # noqa: E402
 from dsnot_prune.models import DriverError, find_decoder_layers, find_linears, load_model  # noqa: E402
 from dsnot_prune.pipeline import PruneArgs, prune_model  # noqa: E402
-from bench_common import machine_name  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from bench_common import machine_name, write_results_atomic  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRUNE_STAGES = ("calibration", "statistics", "initial_masks", "refine", "propagation")
@@ -121,18 +119,13 @@ def run_workload(name: str, model, samples: torch.Tensor, args, device: torch.de
 
 
 def write_results(rows: List[dict], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     keys = [k for k in rows[0] if k != "timings"]
-    csv_path = out_dir / f"bench_prune-{stamp}.csv"
-    with open(csv_path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(keys + ["stage", "seconds"])
-        for r in rows:
-            for stage, seconds in r["timings"].items():
-                writer.writerow([r[k] for k in keys] + [stage, f"{seconds:.6f}"])
-    json_path = out_dir / f"bench_prune-{stamp}.json"
-    json_path.write_text(json.dumps(rows, indent=2) + "\n")
+    stage_rows = [{**{k: r[k] for k in keys}, "stage": stage, "seconds": f"{seconds:.6f}"}
+                  for r in rows for stage, seconds in r["timings"].items()]
+    stem = f"bench_prune-{stamp}"
+    write_results_atomic(out_dir, stem, rows, stage_rows)
+    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
     print(f"wrote {csv_path} and {json_path}")
     try:
         import matplotlib

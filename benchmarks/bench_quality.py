@@ -23,9 +23,7 @@ Variants (``--variants``):
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))   # run from a checkout
 from dsnot_prune.pipeline import PruneArgs, run  # noqa: E402
-from bench_common import machine_name  # noqa: E402 (benchmarks/ is on sys.path)
+from bench_common import machine_name, write_results_atomic  # noqa: E402 (benchmarks/ is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -102,16 +100,7 @@ def write_results(rows, out_dir: Path, device: str, settings: dict, seconds: flo
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "complete": final,
             "settings": {k: v for k, v in settings.items() if k not in ("progress", "quiet")},
             "seconds": seconds, "rows": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".bench_quality.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(out_dir / "bench_quality.json")
-    tmp = out_dir / ".bench_quality.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out_dir / "bench_quality.csv")
+    write_results_atomic(out_dir, "bench_quality", meta, rows)
     if final:
         plot(rows, out_dir / "bench_quality.png")
         print(f"wrote {out_dir}/bench_quality.{{json,csv,png}} in {seconds:.0f} s")

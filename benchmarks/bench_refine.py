@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime as dt
 import functools
 import json
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 import dsnot_kernels as dk
-from bench_common import machine_name  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from bench_common import machine_name, write_results_atomic  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]      # [out, in]
 SMOKE_SHAPES = [(64, 512)]
@@ -190,7 +189,9 @@ def llama7b_set(device: str, backend: str, pattern: str, sparsity: float, repeat
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--shapes", default=None, help="comma list OUTxIN (default: LLaMA-7B shapes)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma list OUTxIN (default: LLaMA-7B shapes); 'none' with --llama7b-set "
+                             "times only the set")
     parser.add_argument("--patterns", default="unstructured,2:4")
     parser.add_argument("--sparsity", type=float, default=0.6, help="for unstructured")
     parser.add_argument("--backends", default=None, help="comma list (default: every available one)")
@@ -213,17 +214,37 @@ def main(argv=None) -> int:
         parser.error("--device cuda: no CUDA device is visible")
     if args.smoke:
         args.repeats, args.memory = 1, "none"
-    if args.shapes:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    if args.shapes == "none":
+        if not args.llama7b_set:
+            parser.error("--shapes none measures nothing without --llama7b-set")
+        shapes = []
+    elif args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+            parser.error(f"--shapes: expected a comma list of OUTxIN (e.g. 4096x4096,11008x4096) "
+                         f"or 'none', got {args.shapes!r}")
     else:
         shapes = SMOKE_SHAPES if args.smoke else LLAMA7B_SHAPES
     patterns = [p.strip() for p in args.patterns.split(",")]
     machine = machine_name(args.device)
-    out_dir = Path(args.out) if args.out else RESULTS / machine
     bandwidth = copy_bandwidth(args.device)
     print(f"machine: {machine}; torch {torch.__version__}; device copy bandwidth {bandwidth / 1e9:.1f} GB/s")
 
+    out_dir = Path(args.out) if args.out else RESULTS / machine
+    stem = "bench_refine_smoke" if args.smoke else "bench_refine"
     rows = []
+    summary = {"machine": machine, "device": args.device, "torch": torch.__version__,
+               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "copy_bandwidth_GBps": bandwidth / 1e9, "complete": False, "rows": rows}
+
+    def save(complete: bool = False) -> None:
+        # after every measurement: a run stopped by a time limit keeps what it measured
+        summary["complete"] = complete
+        write_results_atomic(out_dir, stem, summary, rows)
+
     for pattern in patterns:
         nm = pattern != "unstructured"
         names = args.backends.split(",") if args.backends else [
@@ -271,15 +292,13 @@ def main(argv=None) -> int:
                     "times": times,
                 }
                 rows.append(row)
+                save()
                 mem = "" if memory is None else f"{memory / weight.numel():6.1f} B/w"
                 print(f"{row['shape']:>11} {pattern:>12} {name:>10} {median * 1e3:11.2f} ms "
                       f"x{row['speedup_vs_reference']:8.1f} {row['fraction_of_copy_bw'] * 100:6.2f}% bw "
                       f"{mem:>10} swaps {row['mean_swaps']:5.1f} match={row['matches_reference']}", flush=True)
             del weight, stats
 
-    summary = {"machine": machine, "device": args.device, "torch": torch.__version__,
-               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows}
     if args.llama7b_set:
         for pattern in patterns:
             for knobs in [None] + variants:
@@ -289,20 +308,11 @@ def main(argv=None) -> int:
                 result["pattern"] = pattern
                 result["backend"] = backend if knobs is None else variant_name(knobs)
                 summary.setdefault("llama7b_set", []).append(result)
+                save()
                 print(f"LLaMA-7B set ({result['sublayers']} sublayers, {pattern}, "
-                      f"backend={result['backend']}): {result['seconds'] * 1e3:.1f} ms")
+                      f"backend={result['backend']}): {result['seconds'] * 1e3:.1f} ms", flush=True)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "bench_refine_smoke" if args.smoke else "bench_refine"
-    tmp_json, tmp_csv = out_dir / f".{stem}.json.tmp", out_dir / f".{stem}.csv.tmp"
-    tmp_json.write_text(json.dumps(summary, indent=2))
-    with tmp_csv.open("w", newline="") as f:
-        fields = [k for k in rows[0] if k != "times"]
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp_json.replace(out_dir / f"{stem}.json")
-    tmp_csv.replace(out_dir / f"{stem}.csv")
+    save(complete=True)
     print(f"wrote {out_dir / (stem + '.json')} and .csv")
     return 0 if all(r["matches_reference"] for r in rows) else 1
 

@@ -1,48 +1,118 @@
 #!/usr/bin/env bash
-# The checks a session with a lent GPU runs, one step per call (each fits a 10-minute limit):
+# The checks a session with a lent GPU runs. A task gets little device time (15 minutes in all,
+# the machine's start included, at most 10 minutes per call), so `all` runs everything in ONE
+# call, most important first, each step under a deadline so that the call ends within
+# $BUDGET_S seconds (default 480) and every step that finished has left its logs and results:
+#
+#   bash benchmarks/gpu_session.sh all       # build -> bench -> test -> profile, within $BUDGET_S
+#
+# or one step alone (a warm machine's rerun of a step that ran out of time):
 #
 #   bash benchmarks/gpu_session.sh build     # install the package + extension WITH its CUDA path
-#   bash benchmarks/gpu_session.sh test      # pytest -m gpu tests (parity at LLaMA sizes, ext CUDA)
 #   bash benchmarks/gpu_session.sh bench     # bench_refine: every backend + the LLaMA-7B set, with
 #                                            #   the triton variants in $VARIANTS side by side
-#   bash benchmarks/gpu_session.sh profile   # profile_refine --sweep (per-kernel times, knob sweeps)
-#                                            #   for $SHAPES (default 4096x4096; one shape per call)
+#                                            #   ($BENCH: shapes, set (-> llama7b_set/) or both);
+#                                            #   its match column is the parity check at LLaMA sizes
+#   bash benchmarks/gpu_session.sh test      # pytest -m gpu tests ($TESTS: quick = all but the
+#                                            #   LLaMA-size parity cases, llama = only those, all)
+#   bash benchmarks/gpu_session.sh profile   # profile_refine for $SHAPES (default 4096x4096);
+#                                            #   SWEEP=1 adds the launch-knob sweep (minutes of compiles)
 #
 # Logs and result files go to $OUT/gpu_session/ (the device tool's output folder; /tmp without
-# it); copy bench_refine.{csv,json} from there to benchmarks/results/<GPU name>/ and commit them.
+# it), with steps.tsv (step, exit code, seconds; 124 = stopped at its deadline). Copy
+# bench_refine.{csv,json} from there to benchmarks/results/<GPU name>/ and commit them.
+# bench_refine rewrites its results after every measurement, so a bench stopped at its deadline
+# still returns what it measured ("complete": false in the JSON).
 # Uses the machine's own torch/triton (no venv): the GPU machine has no network.
+# DRY_RUN=1 prints each step's command and deadline instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: gpu_session.sh build|test|bench|profile}"
+step="${1:?usage: gpu_session.sh all|build|bench|test|profile}"
 dest="${OUT:-/tmp}/gpu_session"
 mkdir -p "$dest"
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-VARIANTS="${VARIANTS:-queue_search=serial;select=stream;select=stream,num_warps=1,chunk=128,programs_per_sm=16}"
+# the A/B the next decisions need: at in = 4096 unstructured the row kernel (auto) vs the
+# streamed kernel (seeded k-th search) at 4 warps and as a warp per row; joint vs serial search
+VARIANTS="${VARIANTS-select=stream;select=stream,num_warps=1,chunk=128,programs_per_sm=16;queue_search=serial}"
+BUDGET_S="${BUDGET_S:-480}"
+started=$SECONDS
+
+remaining() { echo $(( BUDGET_S - (SECONDS - started) )); }
+
+# run_step LABEL CAP STEP [VAR=VALUE...]: this script's STEP (with those variables) under a
+# deadline of min(CAP, time left); a line in steps.tsv; never stops `all` (later steps run)
+run_step() {
+  local label="$1" cap="$2" sub="$3"; shift 3
+  local left; left=$(remaining)
+  local limit=$(( cap < left ? cap : left ))
+  if (( limit < 20 )); then
+    printf '%s\tskipped\t0\n' "$label" | tee -a "$dest/steps.tsv"
+    return 0
+  fi
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    printf '%s\tdry-run\t%d\t%s %s\n' "$label" "$limit" "$sub" "$*" | tee -a "$dest/steps.tsv"
+    return 0
+  fi
+  local t0=$SECONDS rc=0
+  # SIGINT first (to the whole process group): pytest then prints what ran; -k: kill 15 s later
+  env "$@" timeout -s INT -k 15 "$limit" bash "$0" "$sub" > /dev/null 2>&1 || rc=$?
+  printf '%s\t%d\t%d\n' "$label" "$rc" $(( SECONDS - t0 )) | tee -a "$dest/steps.tsv"
+}
+
+case "${TESTS:-all}" in
+  quick) test_args=(-k "not test_gpu_llama_sizes") ;;
+  llama) test_args=(-k test_gpu_llama_sizes) ;;
+  all)   test_args=() ;;
+  *) echo "TESTS must be quick, llama or all, got '${TESTS}'" >&2; exit 2 ;;
+esac
 
 case "$step" in
-  build)
-    # the toolkit root, not the nvcc wrapper's prefix (ENV.md)
-    CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
-    export CUDA_HOME TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-    DSNOT_BUILD_EXT=1 DSNOT_BUILD_CUDA=1 python -m pip install --no-build-isolation --no-deps -q -e . \
-      2>&1 | tee "$dest/build.log"
-    python -c "import torch, dsnot_kernels.ext as e; print('ext CUDA path:', e.has_cuda(), torch.cuda.get_device_name())" \
-      | tee -a "$dest/build.log"
+  all)
+    : > "$dest/steps.tsv"
+    # caps: the build ~1-2 min; the per-shape bench (every backend and variant against the
+    # reference: the parity check at LLaMA sizes) compiles each kernel variant once, and the
+    # Triton cache then serves the LLaMA-7B set and the tests; the LLaMA-size test cases repeat
+    # the bench's parity check, so they come last
+    run_step build 200 build
+    run_step bench_shapes 240 bench BENCH=shapes
+    run_step bench_set 90 bench BENCH=set
+    run_step test_quick 90 test TESTS=quick
+    run_step profile 60 profile
+    run_step test_llama 600 test TESTS=llama
+    echo "gpu_session all: $(( SECONDS - started )) s of ${BUDGET_S} s; logs and steps.tsv in $dest"
     ;;
-  test)
-    python -m pytest -q -m gpu tests 2>&1 | tee "$dest/test_gpu.log"
+  build)
+    {
+      # the toolkit root, not the nvcc wrapper's prefix (ENV.md)
+      CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+      export CUDA_HOME TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+      DSNOT_BUILD_EXT=1 DSNOT_BUILD_CUDA=1 python -m pip install --no-build-isolation --no-deps -q -e .
+      python -c "import torch, dsnot_kernels.ext as e; print('ext CUDA path:', e.has_cuda(), torch.cuda.get_device_name())"
+    } 2>&1 | tee "$dest/build.log"
     ;;
   bench)
-    python benchmarks/bench_refine.py --device cuda --llama7b-set --triton-variants "$VARIANTS" \
-      --out "$dest" 2>&1 | tee "$dest/bench_refine.log"
+    extra=()
+    [[ -z "$VARIANTS" ]] || extra=(--triton-variants "$VARIANTS")
+    case "${BENCH:-both}" in
+      shapes) out="$dest" ;;
+      set)    out="$dest/llama7b_set"; extra+=(--shapes none --llama7b-set) ;;
+      both)   out="$dest"; extra+=(--llama7b-set) ;;
+      *) echo "BENCH must be shapes, set or both, got '${BENCH}'" >&2; exit 2 ;;
+    esac
+    python benchmarks/bench_refine.py --device cuda --out "$out" "${extra[@]}" 2>&1 \
+      | tee "$dest/bench_refine-${BENCH:-both}.log"
+    ;;
+  test)
+    python -m pytest -q -m gpu tests "${test_args[@]}" 2>&1 | tee "$dest/test_gpu-${TESTS:-all}.log"
     ;;
   profile)
-    # one shape per call keeps the sweep's Triton compiles inside the 10-minute limit
-    python benchmarks/profile_refine.py --sweep --shapes "${SHAPES:-4096x4096}" 2>&1 \
+    extra=()
+    [[ "${SWEEP:-0}" != 1 ]] || extra=(--sweep)
+    python benchmarks/profile_refine.py --shapes "${SHAPES:-4096x4096}" "${extra[@]}" 2>&1 \
       | tee "$dest/profile_refine.log"
     ;;
   *)
-    echo "unknown step '$step': use build, test, bench or profile" >&2
+    echo "unknown step '$step': use all, build, bench, test or profile" >&2
     exit 2
     ;;
 esac

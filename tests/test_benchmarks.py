@@ -1,0 +1,109 @@
+"""The benchmark scripts and the GPU-session script run and write what they measured.
+
+They are what the speed figures in the README come from, so they are tested like code: a tiny
+CPU run of ``bench_refine.py`` (every row checked against the reference), its results written
+after every measurement (a run stopped by a time limit keeps them), atomic writes, and
+``gpu_session.sh``'s plan (the order and deadlines of its steps, without running them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dsnot_kernels as dk
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import bench_refine  # noqa: E402
+from bench_common import write_results_atomic  # noqa: E402
+
+CPU_BACKENDS = ["torch"] + (["ext"] if dk.available_backends("cpu", "2:4").get("ext") is True else [])
+
+
+def test_bench_refine_cpu_rows_match_reference(tmp_path):
+    args = ["--device", "cpu", "--shapes", "12x64,4x96", "--backends", ",".join(CPU_BACKENDS),
+            "--repeats", "1", "--memory", "none", "--out", str(tmp_path)]
+    assert bench_refine.main(args) == 0
+    summary = json.loads((tmp_path / "bench_refine.json").read_text())
+    assert summary["complete"] is True
+    rows = summary["rows"]
+    # reference + each backend, for 2 shapes x 2 patterns
+    assert len(rows) == 2 * 2 * (1 + len(CPU_BACKENDS))
+    assert {r["backend"] for r in rows} == {"reference", *CPU_BACKENDS}
+    assert all(r["matches_reference"] for r in rows)
+    assert all(r["seconds"] > 0 and len(r["times"]) >= 1 for r in rows)
+    header = (tmp_path / "bench_refine.csv").read_text().splitlines()[0].split(",")
+    assert "times" not in header and "matches_reference" in header
+    assert len((tmp_path / "bench_refine.csv").read_text().splitlines()) == 1 + len(rows)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_bench_refine_keeps_rows_when_stopped(tmp_path, monkeypatch):
+    """A run stopped after its per-shape rows (here: in the LLaMA-7B set, as a deadline's SIGINT
+    would) has already written them, marked incomplete."""
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench_refine, "llama7b_set", stopped)
+    args = ["--device", "cpu", "--shapes", "6x32", "--patterns", "unstructured", "--backends", "torch",
+            "--repeats", "1", "--memory", "none", "--llama7b-set", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        bench_refine.main(args)
+    summary = json.loads((tmp_path / "bench_refine.json").read_text())
+    assert summary["complete"] is False
+    assert [r["backend"] for r in summary["rows"]] == ["reference", "torch"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shapes", "4096"], "OUTxIN"),
+    (["--shapes", "none"], "without --llama7b-set"),
+    (["--triton-variants", "select"], "key=value"),
+])
+def test_bench_refine_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench_refine.main(["--device", "cpu", *argv])
+    assert info.value.code not in (0, None)
+    assert message in capsys.readouterr().err + str(info.value.code)
+
+
+def test_write_results_atomic_keeps_old_file_on_failure(tmp_path):
+    write_results_atomic(tmp_path, "r", {"rows": [1]}, [{"a": 1, "b": [1, 2]}])
+    assert json.loads((tmp_path / "r.json").read_text()) == {"rows": [1]}
+    assert (tmp_path / "r.csv").read_text().splitlines() == ["a", "1"]     # list columns left out
+    with pytest.raises(TypeError):
+        write_results_atomic(tmp_path, "r", {"rows": [object()]}, [])
+    assert json.loads((tmp_path / "r.json").read_text()) == {"rows": [1]}
+
+
+def _gpu_session(*args, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run(["bash", str(BENCH_DIR / "gpu_session.sh"), *args], env=full_env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_gpu_session_plan_fits_its_budget(tmp_path):
+    proc = _gpu_session("all", DRY_RUN="1", OUT=str(tmp_path), BUDGET_S="480")
+    assert proc.returncode == 0, proc.stderr
+    steps = [line.split("\t") for line in (tmp_path / "gpu_session" / "steps.tsv").read_text().splitlines()]
+    assert [s[0] for s in steps] == ["build", "bench_shapes", "bench_set", "test_quick", "profile", "test_llama"]
+    assert all(s[1] == "dry-run" and 20 <= int(s[2]) <= 480 for s in steps)
+    # a budget too short for any step skips them all instead of starting one it cannot finish
+    proc = _gpu_session("all", DRY_RUN="1", OUT=str(tmp_path), BUDGET_S="10")
+    steps = [line.split("\t") for line in (tmp_path / "gpu_session" / "steps.tsv").read_text().splitlines()]
+    assert proc.returncode == 0 and {s[1] for s in steps} == {"skipped"}
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["nope"], {}, "unknown step"),
+    (["test"], {"TESTS": "some"}, "TESTS must be"),
+    (["bench"], {"BENCH": "some"}, "BENCH must be"),
+])
+def test_gpu_session_rejects_bad_steps(tmp_path, args, env, message):
+    proc = _gpu_session(*args, OUT=str(tmp_path), **env)
+    assert proc.returncode == 2 and message in proc.stderr
