@@ -40,7 +40,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, any_true, count_min_max, init_score, joint_step,
+from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, any_true, count_min_max, init_score, joint_step,
                       joint_tie_step, ordered32, pick, queue_field, queue_key, queue_stats_merge,
                       queue_stats_parts, queue_stats_reduce, search_probe, search_start,
                       search_step, store_queues, threshold32, tie_start, tie_step, unpack_counts)
@@ -106,15 +106,36 @@ def _search(keys, sets, cols, q, lo_count, hi_count, NEG_TIE: tl.constexpr, HAS_
     n, vmin, vmax = count_min_max(n_acc, lo_acc, hi_acc)
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
         n, vmin, vmax, lo_count, hi_count)
+    # (while searching, c_lo < lo_count <= hi_count < c_hi: the SMALL = 0 condition always holds)
+    lo, hi, c_lo, c_hi, tv, searching = _probe_line(keys, sets, cols, q, lo, hi, c_lo, c_hi, tv, searching,
+                                                    target, bisect, lo_count, hi_count, HAS_SET, CHUNK, 0)
+    return _split_ties(keys, sets, cols, q, lo, hi, c_lo, tv, tt, searching, lo_count, hi_count,
+                       NEG_TIE, HAS_SET, CHUNK)
+
+
+@triton.jit
+def _probe_line(keys, sets, cols, q, lo, hi, c_lo, c_hi, tv, searching, target, bisect, lo_count,
+                hi_count, HAS_SET: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr):
+    """Counting probes on the line (:func:`._common.search_probe` / ``search_step``, one pass
+    each) until a count lands in ``[lo_count, hi_count]``, the bracket ``(lo, hi]`` closes on one
+    key, or it holds at most ``SMALL`` members; returns ``(lo, hi, c_lo, c_hi, tv, searching)``."""
     steps = 0
-    while searching & (hi - lo > 1) & (steps < 70):
+    while searching & (hi - lo > 1) & (c_hi - c_lo > SMALL) & (steps < 70):
         mid = search_probe(lo, hi, c_lo, c_hi, target, bisect)
         c = _count(keys, sets, cols, q, mid.to(tl.int32), HAS_SET, CHUNK)
         lo, hi, c_lo, c_hi, tv, searching, bisect = search_step(c, mid, lo, hi, c_lo, c_hi, tv,
                                                                 searching, lo_count, hi_count)
         steps += 1
+    return lo, hi, c_lo, c_hi, tv, searching
+
+
+@triton.jit
+def _split_ties(keys, sets, cols, q, lo, hi, c_lo, tv, tt, searching, lo_count, hi_count,
+                NEG_TIE: tl.constexpr, HAS_SET: tl.constexpr, CHUNK: tl.constexpr):
+    """``(tv, tt)`` of a search that ended still ``searching`` on a bracket ``(lo, hi = lo + 1]``:
+    the tie block at key ``hi`` straddles the wanted count, so it is split by bisection on the
+    tie key. A finished search's ``(tv, tt)`` come back unchanged."""
     if searching:
-        # a tie block at key hi straddles the wanted count: split it by the tie key
         value = hi.to(tl.int32)
         tlo, thi, tt, going = tie_start(lo, tt, searching, cols)
         while going:
@@ -185,30 +206,17 @@ def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexp
                                                    lo_count, hi_count)
     lo, hi, c_lo, c_hi, tv, searching = _seed_step(c2, t_hi, use_seed, lo, hi, c_lo, c_hi, tv, searching,
                                                    lo_count, hi_count)
-    steps = 0
-    while searching & (hi - lo > 1) & (c_hi - c_lo > SMALL) & (steps < 70):
-        mid = search_probe(lo, hi, c_lo, c_hi, target, bisect)
-        c = _count(keys, keys, cols, 0, mid.to(tl.int32), False, CHUNK)
-        lo, hi, c_lo, c_hi, tv, searching, bisect = search_step(c, mid, lo, hi, c_lo, c_hi, tv,
-                                                                searching, lo_count, hi_count)
-        steps += 1
+    lo, hi, c_lo, c_hi, tv, searching = _probe_line(keys, keys, cols, 0, lo, hi, c_lo, c_hi, tv, searching,
+                                                    target, bisect, lo_count, hi_count, False, CHUNK, SMALL)
     if searching & (c_hi - c_lo <= SMALL):
         # endgame: the few columns in (lo, hi], packed (key, column), ranked in registers
-        carry = 0
-        for c0 in range(0, cols, CHUNK):
-            idx = c0 + tl.arange(0, CHUNK)
-            valid = idx < cols
-            v = tl.load(keys + idx, mask=valid, other=INT32_MAX)
-            sel = valid & (v.to(tl.int64) > lo) & (v.to(tl.int64) <= hi)
-            pos = carry + tl.cumsum(sel.to(tl.int32), axis=0)
-            tl.store(lines + pos - 1, v.to(tl.int64) * 4294967296 + idx, mask=sel)
-            carry += tl.sum(sel.to(tl.int32), axis=0)
+        _compact(keys, keys, lines, cols, 0, lo, hi.to(tl.int32), INT32_MAX, False, False, CHUNK)
         tl.debug_barrier()                      # the packed keys are visible to every thread
         slot = tl.arange(0, SMALL)
         live = slot < (c_hi - c_lo)
         packed = tl.load(lines + slot, mask=live, other=0)
         v = (packed >> 32).to(tl.int32)
-        col = (packed & 0xFFFFFFFF).to(tl.int32)
+        col = ((packed & 0xFFFFFFFF) - 2147483648).to(tl.int32)      # (queue_key's tie offset)
         need = (k - c_lo).to(tl.int32)
         sv, st = threshold32(v, col, live, need, need)
         # the largest selected pair is the line-wide threshold (all need <= live candidates may
@@ -218,31 +226,25 @@ def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexp
         tt = tl.max(tl.where(sel & (v == tv), col, INT32_MIN), axis=0)
         tl.debug_barrier()                      # read before the lines are reset
         searching = False
-    if searching:
-        # a tie block at key hi wider than SMALL straddles the count: split it by column
-        value = hi.to(tl.int32)
-        tlo, thi, tt, going = tie_start(lo, tt, searching, cols)
-        while going:
-            mid = tlo + (thi - tlo) // 2
-            c = _count_tie(keys, keys, cols, 0, value, mid.to(tl.int32), False, False, CHUNK)
-            tlo, thi, tt, going = tie_step(c, mid, tlo, thi, tt, lo_count - c_lo, hi_count - c_lo)
-        tv = value
-    return tv, tt
+    # (a tie block at key hi wider than SMALL straddles the count: split by column)
+    return _split_ties(keys, keys, cols, 0, lo, hi, c_lo, tv, tt, searching, lo_count, hi_count,
+                       False, False, CHUNK)
 
 
 @triton.jit
-def _compact(keys, sets, lines, cols, q, tv, tt, NEG_TIE: tl.constexpr, CAP: tl.constexpr,
+def _compact(keys, sets, line, cols, q, lo, tv, tt, NEG_TIE: tl.constexpr, HAS_SET: tl.constexpr,
              CHUNK: tl.constexpr):
-    """Store the int64 keys of the selected members of queue ``q`` into its ``[CAP]`` line."""
+    """Store :func:`._common.queue_key` ``(key, tie)`` of the members of set ``q`` with
+    ``key > lo`` and ``(key, tie) <= (tv, tt)`` into ``line``, in column order."""
     carry = 0
     for c0 in range(0, cols, CHUNK):
         idx = c0 + tl.arange(0, CHUNK)
         valid = idx < cols
-        v, member = _member(keys, sets, idx, valid, q, True)
+        v, member = _member(keys, sets, idx, valid, q, HAS_SET)
         tie = -idx if NEG_TIE else idx
-        sel = member & ((v < tv) | ((v == tv) & (tie <= tt)))
+        sel = member & (v.to(tl.int64) > lo) & ((v < tv) | ((v == tv) & (tie <= tt)))
         pos = carry + tl.cumsum(sel.to(tl.int32), axis=0)
-        tl.store(lines + q * CAP + pos - 1, queue_key(v, tie), mask=sel)
+        tl.store(line + pos - 1, queue_key(v, tie), mask=sel)
         carry += tl.sum(sel.to(tl.int32), axis=0)
 
 
@@ -431,7 +433,7 @@ def select_stream_kernel(
         else:
             for q in tl.static_range(NQ):
                 qv, qt = _search(keys, sets, cols, q, depth, CAP, q == 0, True, CHUNK)
-                _compact(keys, sets, lines, cols, q, qv, qt, q == 0, CAP, CHUNK)
+                _compact(keys, sets, lines + q * CAP, cols, q, INT64_MIN, qv, qt, q == 0, True, CHUNK)
         tl.debug_barrier()                     # the compacted keys are visible to every thread
         head = tl.sort(tl.load(lines + qq * CAP + slot), dim=1)
         store_queues(head, row64, w_row, s_ptr, sq_ptr, queue_ptr, qd_ptr, qa_ptr, NQ, TPAD, STORE_A)
