@@ -47,3 +47,22 @@ def write_results_atomic(out_dir: Path, stem: str, summary: dict, csv_rows: list
         writer.writeheader()
         writer.writerows(csv_rows)
     tmp.replace(out_dir / f"{stem}.csv")
+
+
+def print_summary(paths: list) -> None:
+    """A short table of ``bench_refine`` JSON results (rows and LLaMA-7B set runs), for the end of
+    a GPU session's output; files that are missing or unreadable are named, not fatal."""
+    for path in map(Path, paths):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"{path}: no results ({type(exc).__name__})")
+            continue
+        state = "complete" if summary.get("complete") else "INCOMPLETE (stopped early)"
+        print(f"{path}: {summary.get('machine')}, {state}")
+        for r in summary.get("rows", []):
+            print(f"  {r['shape']:>11} {r['pattern']:>12} {r['backend']:<40} {r['seconds'] * 1e3:9.3f} ms "
+                  f"x{r['speedup_vs_reference']:7.1f} {r['fraction_of_copy_bw'] * 100:5.2f}% bw "
+                  f"match={r['matches_reference']}")
+        for r in summary.get("llama7b_set", []):
+            print(f"  LLaMA-7B set {r['pattern']:>12} {r['backend']:<40} {r['seconds'] * 1e3:9.1f} ms")

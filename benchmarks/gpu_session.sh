@@ -4,7 +4,8 @@
 # call, most important first, each step under a deadline so that the call ends within
 # $BUDGET_S seconds (default 480) and every step that finished has left its logs and results:
 #
-#   bash benchmarks/gpu_session.sh all       # build -> bench -> test -> profile, within $BUDGET_S
+#   bash benchmarks/gpu_session.sh all       # build -> bench -> test -> profile -> ncu, within
+#                                            #   $BUDGET_S; prints steps.tsv and a results table last
 #
 # or one step alone (a warm machine's rerun of a step that ran out of time):
 #
@@ -17,6 +18,8 @@
 #                                            #   LLaMA-size parity cases, llama = only those, all)
 #   bash benchmarks/gpu_session.sh profile   # profile_refine for $SHAPES (default 4096x4096);
 #                                            #   SWEEP=1 adds the launch-knob sweep (minutes of compiles)
+#   bash benchmarks/gpu_session.sh ncu       # Nsight Compute counters of each select/cycles kernel
+#                                            #   (row kernel, streamed 4 warps, warp per row)
 #
 # Logs and result files go to $OUT/gpu_session/ (the device tool's output folder; /tmp without
 # it), with steps.tsv (step, exit code, seconds; 124 = stopped at its deadline). Copy
@@ -27,7 +30,7 @@
 # DRY_RUN=1 prints each step's command and deadline instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: gpu_session.sh all|build|bench|test|profile}"
+step="${1:?usage: gpu_session.sh all|build|bench|test|profile|ncu}"
 dest="${OUT:-/tmp}/gpu_session"
 mkdir -p "$dest"
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -78,8 +81,13 @@ case "$step" in
     run_step bench_set 90 bench BENCH=set
     run_step test_quick 90 test TESTS=quick
     run_step profile 60 profile
+    run_step ncu 90 ncu
     run_step test_llama 600 test TESTS=llama
     echo "gpu_session all: $(( SECONDS - started )) s of ${BUDGET_S} s; logs and steps.tsv in $dest"
+    cat "$dest/steps.tsv"
+    [[ "${DRY_RUN:-0}" == 1 ]] || python -c 'import sys; sys.path.insert(0, "benchmarks")
+from bench_common import print_summary; print_summary(sys.argv[1:])' \
+      "$dest/bench_refine.json" "$dest/llama7b_set/bench_refine.json"
     ;;
   build)
     {
@@ -111,8 +119,22 @@ case "$step" in
     python benchmarks/profile_refine.py --shapes "${SHAPES:-4096x4096}" "${extra[@]}" 2>&1 \
       | tee "$dest/profile_refine.log"
     ;;
+  ncu)
+    # Nsight Compute: counters of each select/cycles kernel of one refine per launch variant
+    # (works where the machine's runtime exposes the counters; --clock-control none leaves the
+    # card's clocks alone)
+    NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1 || true)"
+    if [[ -z "$NCU" ]]; then
+      echo "ncu: not found on this machine" | tee "$dest/ncu.log"
+      exit 3
+    fi
+    "$NCU" --clock-control none --target-processes all -k regex:'select|cycles' \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --section WarpStateStats --section SchedulerStats \
+      python benchmarks/profile_refine.py --ncu --shapes "${SHAPES:-4096x4096}" 2>&1 | tee "$dest/ncu.log"
+    ;;
   *)
-    echo "unknown step '$step': use all, build, bench, test or profile" >&2
+    echo "unknown step '$step': use all, build, bench, test, profile or ncu" >&2
     exit 2
     ;;
 esac

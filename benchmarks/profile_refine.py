@@ -2,11 +2,14 @@
 
     python benchmarks/profile_refine.py --backend triton --shapes 4096x4096,11008x4096
     python benchmarks/profile_refine.py --sweep      # also try select/cycles launch knobs
+    ncu --clock-control none -k regex:'select|cycles' python benchmarks/profile_refine.py --ncu
 
 Prints, per shape and pattern: the wall time of ``dk.refine`` (median of repeats, synchronised),
 its host time (until the call returns) and its time per call in a loop of calls (host work of
 one call overlapping GPU work of the last), the GPU time of each kernel launched by one call
 (profiler), and with --sweep the wall time of ``refine_triton`` under other launch knobs.
+``--ncu`` instead makes exactly one ``refine_triton`` call per pattern and per launch in
+``NCU_LAUNCHES`` (nothing else), for Nsight Compute to capture each kernel once.
 """
 from __future__ import annotations
 
@@ -38,6 +41,12 @@ SWEEP = [
     {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 24},
     {"select": "stream", "num_warps": 1, "chunk": 256, "programs_per_sm": 16},
 ]
+
+
+# The launches --ncu makes for Nsight Compute: the row kernel, the streamed kernel at 4 warps
+# and as a warp per row (the candidates for auto's default at in = 4096).
+NCU_LAUNCHES = [{"select": "rows"}, {"select": "stream"},
+                {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 16}]
 
 
 def wall(fn, repeats: int = 10) -> float:
@@ -83,11 +92,25 @@ def main() -> None:
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008")
     ap.add_argument("--patterns", default="unstructured,2:4")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--ncu", action="store_true",
+                    help="one refine_triton call per pattern and NCU_LAUNCHES entry, nothing else")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_refine.py profiles CUDA kernels: it needs a CUDA GPU (none found)")
     from dsnot_kernels.api import build_problem
     from dsnot_kernels.ops.refine import refine_triton
+    if args.ncu:
+        for shape in args.shapes.split(","):
+            out_f, in_f = (int(x) for x in shape.split("x"))
+            weight, stats = make_problem(out_f, in_f, "cuda")
+            for pattern in args.patterns.split(","):
+                cfg = dk.RefineConfig(sparsity=0.6 if pattern == "unstructured" else 0.5, pattern=pattern)
+                problem, _ = build_problem(weight, stats, cfg)
+                for knobs in NCU_LAUNCHES:
+                    refine_triton(problem, **knobs)
+                    torch.cuda.synchronize()
+                    print(f"ncu launch: {shape} {pattern} {knobs}", flush=True)
+        return
     for shape in args.shapes.split(","):
         out_f, in_f = (int(x) for x in shape.split("x"))
         weight, stats = make_problem(out_f, in_f, "cuda")

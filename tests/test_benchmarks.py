@@ -22,7 +22,7 @@ BENCH_DIR = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
 
 import bench_refine  # noqa: E402
-from bench_common import write_results_atomic  # noqa: E402
+from bench_common import print_summary, write_results_atomic  # noqa: E402
 
 CPU_BACKENDS = ["torch"] + (["ext"] if dk.available_backends("cpu", "2:4").get("ext") is True else [])
 
@@ -43,6 +43,18 @@ def test_bench_refine_cpu_rows_match_reference(tmp_path):
     assert "times" not in header and "matches_reference" in header
     assert len((tmp_path / "bench_refine.csv").read_text().splitlines()) == 1 + len(rows)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_print_summary_names_incomplete_and_missing_results(tmp_path, capsys):
+    bench_refine.main(["--device", "cpu", "--shapes", "6x32", "--patterns", "2:4", "--backends", "torch",
+                       "--repeats", "1", "--memory", "none", "--out", str(tmp_path)])
+    capsys.readouterr()
+    print_summary([tmp_path / "bench_refine.json", tmp_path / "missing.json"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "complete" in lines[0] and "INCOMPLETE" not in lines[0]
+    assert [line.split()[2] for line in lines[1:3]] == ["reference", "torch"]
+    assert all(line.endswith("match=True") for line in lines[1:3])
+    assert lines[3].startswith(str(tmp_path / "missing.json")) and "no results" in lines[3]
 
 
 def test_bench_refine_keeps_rows_when_stopped(tmp_path, monkeypatch):
@@ -91,7 +103,8 @@ def test_gpu_session_plan_fits_its_budget(tmp_path):
     proc = _gpu_session("all", DRY_RUN="1", OUT=str(tmp_path), BUDGET_S="480")
     assert proc.returncode == 0, proc.stderr
     steps = [line.split("\t") for line in (tmp_path / "gpu_session" / "steps.tsv").read_text().splitlines()]
-    assert [s[0] for s in steps] == ["build", "bench_shapes", "bench_set", "test_quick", "profile", "test_llama"]
+    assert [s[0] for s in steps] == ["build", "bench_shapes", "bench_set", "test_quick", "profile", "ncu",
+                                  "test_llama"]
     assert all(s[1] == "dry-run" and 20 <= int(s[2]) <= 480 for s in steps)
     # a budget too short for any step skips them all instead of starting one it cannot finish
     proc = _gpu_session("all", DRY_RUN="1", OUT=str(tmp_path), BUDGET_S="10")
