@@ -446,3 +446,12 @@ def test_default_skip_follows_the_preset(text_file, tokenizer):
     report = run(_args(text_file, preset="original", eval=False), model=make_model("llama"), tokenizer=tokenizer)
     assert {e["kind"] for e in report["sublayers"] if e["refined"]} == {"attn"}
     assert all(e["mean_swaps"] == 0 for e in report["sublayers"] if not e["refined"])
+
+
+def test_cli_help_states_only_true_defaults():
+    """Switches show no stored default (``--no-refine`` stores refine=True, which would read as
+    "on by default"), and no flag shows "(default: None)"."""
+    text = " ".join(cli.build_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
+    assert "--no-refine keep the initial masks (the baseline without DSnoT) --preset" in text
+    assert "(default: 0.5)" in text and "(default: 128)" in text         # real defaults stay

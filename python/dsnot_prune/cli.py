@@ -15,15 +15,28 @@ from .models import DriverError
 from .pipeline import DEFAULT_PRESET, PruneArgs, run, summary
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where it informs: not to on/off switches (whose stored
+    default reads backwards: ``--no-refine`` stores ``refine=True``), not where the default is
+    None (the help says what happens then), not where the help already names its default."""
+
+    def _get_help_string(self, action):
+        if (isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+                or action.default is None or "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = PruneArgs()
     p = argparse.ArgumentParser(prog="dsnot-prune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model,
                    help="'smollm2' (the packaged SmolLM2-135M-Instruct), a local Hugging Face directory, or a hub id")
     g.add_argument("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"),
-                   help="weights/activations dtype; auto = float16 on CUDA, float32 on CPU")
+                   help="weights/activations dtype; auto = float32 on CPU, on CUDA the checkpoint's "
+                        "float16/bfloat16 (float16 for a float32 checkpoint)")
     g.add_argument("--device", default=d.device, help="compute device (default: cuda if available, else cpu); "
                    "layers stay on the CPU and visit it one at a time")
 
