@@ -129,7 +129,8 @@ class _ValueChecks:
                     raise ValueError(f"{name} must be >= 0 (it is a mean of squares / a variance)")
 
 
-def _check_stats(stats: LayerStats, weight: torch.Tensor) -> None:
+def _check_stats(stats: LayerStats, weight: torch.Tensor, owner: str = "the layer") -> None:
+    """Types, shapes and devices of ``stats`` against ``weight`` (``owner`` names the layer)."""
     if not isinstance(stats, LayerStats):
         raise TypeError(f"stats must be a dsnot_kernels.LayerStats (see StatsAccumulator), got {type(stats).__name__}")
     in_features = weight.shape[1]
@@ -138,12 +139,12 @@ def _check_stats(stats: LayerStats, weight: torch.Tensor) -> None:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"stats.{field} must be a float tensor [{in_features}], got {type(value).__name__}")
         if value.shape != (in_features,):
-            raise ValueError(f"stats.{field} must have shape [{in_features}] (the layer's in_features), "
+            raise ValueError(f"stats.{field} must have shape [{in_features}] ({owner}'s in_features), "
                              f"got {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"stats.{field} must be a floating tensor, got {value.dtype}")
         if value.device != weight.device:
-            raise ValueError(f"stats.{field} is on {value.device} but the layer weight is on {weight.device}; "
+            raise ValueError(f"stats.{field} is on {value.device} but {owner}'s weight is on {weight.device}; "
                              f"move them to one device (stats.to(device))")
     try:   # any integer type (numpy, torch scalars) is fine
         nsamples, ntokens = operator.index(stats.nsamples), operator.index(stats.ntokens)
@@ -219,7 +220,8 @@ def _build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConf
         raise TypeError(f"cfg must be a dsnot_kernels.RefineConfig, got {type(cfg).__name__}")
     cfg.validate()
     weight = _weight_of(layer, name)
-    _check_stats(stats, weight)
+    owner = "the layer" if name == "layer" else name
+    _check_stats(stats, weight, owner)
     checks.finite(f"{name} weight", weight)
     if shared_from is None:
         checks.finite("stats.sum_metric_row", stats.sum_metric_row)
@@ -228,7 +230,7 @@ def _build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConf
     n, m = cfg.nm
     in_features = weight.shape[1]
     if m and in_features % m:
-        raise ValueError(f"pattern {cfg.pattern!r}: M={m} must divide the layer's in_features={in_features}")
+        raise ValueError(f"pattern {cfg.pattern!r}: M={m} must divide {owner}'s in_features={in_features}")
     if initial_mask is not None:
         initial_mask = _check_initial_mask(initial_mask, weight, cfg, checks)
 

@@ -99,6 +99,11 @@ class RefineConfig:
     moment_check: bool = False
     cycle_fraction: Optional[float] = None
 
+    def __post_init__(self) -> None:
+        # refuse a bad setting where it is made, not at the first refine (which validates
+        # again: fields can be changed after construction)
+        self.validate()
+
     # ---- derived values -------------------------------------------------------------
     @property
     def nm(self) -> Tuple[int, int]:

@@ -62,16 +62,16 @@ BAD_INPUTS = {
                                                            scaler_row=s.scaler_row[:30], var=s.var[:30],
                                                            hessian=None),
                                            dk.RefineConfig(pattern="4:8"), None), ValueError, "pattern"),
-    "pattern-garbage": (lambda w, s: (w, s, dk.RefineConfig(pattern="2-4"), None), ValueError, "pattern"),
-    "pattern-N>=M": (lambda w, s: (w, s, dk.RefineConfig(pattern="4:4"), None), ValueError, "pattern"),
-    "pattern-N=0": (lambda w, s: (w, s, dk.RefineConfig(pattern="0:4"), None), ValueError, "pattern"),
-    "pattern-not-str": (lambda w, s: (w, s, dk.RefineConfig(pattern=24), None), TypeError, "pattern"),
+    "pattern-garbage": (lambda w, s: (w, s, _changed_cfg(pattern="2-4"), None), ValueError, "pattern"),
+    "pattern-N>=M": (lambda w, s: (w, s, _changed_cfg(pattern="4:4"), None), ValueError, "pattern"),
+    "pattern-N=0": (lambda w, s: (w, s, _changed_cfg(pattern="0:4"), None), ValueError, "pattern"),
+    "pattern-not-str": (lambda w, s: (w, s, _changed_cfg(pattern=24), None), TypeError, "pattern"),
     # sparsity outside [0, 1)
-    "sparsity-negative": (lambda w, s: (w, s, dk.RefineConfig(sparsity=-0.1), None), ValueError, "sparsity"),
-    "sparsity-one": (lambda w, s: (w, s, dk.RefineConfig(sparsity=1.0), None), ValueError, "sparsity"),
-    "sparsity-above-one": (lambda w, s: (w, s, dk.RefineConfig(sparsity=1.5), None), ValueError, "sparsity"),
-    "sparsity-nan": (lambda w, s: (w, s, dk.RefineConfig(sparsity=math.nan), None), ValueError, "sparsity"),
-    "sparsity-str": (lambda w, s: (w, s, dk.RefineConfig(sparsity="0.5"), None), TypeError, "sparsity"),
+    "sparsity-negative": (lambda w, s: (w, s, _changed_cfg(sparsity=-0.1), None), ValueError, "sparsity"),
+    "sparsity-one": (lambda w, s: (w, s, _changed_cfg(sparsity=1.0), None), ValueError, "sparsity"),
+    "sparsity-above-one": (lambda w, s: (w, s, _changed_cfg(sparsity=1.5), None), ValueError, "sparsity"),
+    "sparsity-nan": (lambda w, s: (w, s, _changed_cfg(sparsity=math.nan), None), ValueError, "sparsity"),
+    "sparsity-str": (lambda w, s: (w, s, _changed_cfg(sparsity="0.5"), None), TypeError, "sparsity"),
     # NaN / inf
     "weight-nan": (lambda w, s: (_nan_at(w), s, None, None), ValueError, "layer"),
     "weight-inf": (lambda w, s: (_nan_at(w, math.inf), s, None, None), ValueError, "layer"),
@@ -118,8 +118,17 @@ BAD_INPUTS = {
     "stats-dict": (lambda w, s: (w, s.__dict__, None, None), TypeError, "stats"),
     "cfg-dict": (lambda w, s: (w, s, {"sparsity": 0.5}, None), TypeError, "cfg"),
     "nsamples-zero": (lambda w, s: (w, _with(s, nsamples=0), None, None), ValueError, "nsamples"),
-    "init-unknown": (lambda w, s: (w, s, dk.RefineConfig(init="random"), None), ValueError, "init"),
+    "init-unknown": (lambda w, s: (w, s, _changed_cfg(init="random"), None), ValueError, "init"),
 }
+
+
+def _changed_cfg(**fields) -> dk.RefineConfig:
+    """A valid config whose fields are then set to (bad) values: ``refine`` must still refuse
+    them (``RefineConfig(...)`` itself refuses them at construction: test_config_validate)."""
+    cfg = dk.RefineConfig()
+    for name, value in fields.items():
+        setattr(cfg, name, value)
+    return cfg
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -161,7 +170,9 @@ def test_unknown_backend_name(layer):
 ], ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None)
 def test_config_validate(fields, exc, name):
     with pytest.raises(exc, match=name):
-        dk.RefineConfig(**fields).validate()
+        dk.RefineConfig(**fields)                     # refused where it is built
+    with pytest.raises(exc, match=name):
+        _changed_cfg(**fields).validate()             # and when a field is changed afterwards
 
 
 def test_config_valid_and_derived():
@@ -342,6 +353,13 @@ def test_refine_many_with_masks_and_mismatches():
         dk.refine_many([w1, w2], stats, initial_masks=[m1])
     with pytest.raises(ValueError, match=r"layers\[1\]"):
         dk.refine_many([w1, w2.half()], stats, backend="torch")
+    # a layer that does not fit the shared statistics is named
+    w3, _ = make_layer(3, 8, torch.float32, seed=3)
+    with pytest.raises(ValueError, match=r"stats\.sum_metric_row must have shape \[8\] \(layers\[2\]'s in_features\)"):
+        dk.refine_many([w1, w2, w3], stats, backend="torch")
+    with pytest.raises(ValueError, match=r"M=4 must divide layers\[0\]'s in_features=6"):
+        dk.refine_many([torch.zeros(2, 6), torch.zeros(2, 6)], dk.LayerStats(*(torch.ones(6),) * 3),
+                       dk.RefineConfig(pattern="2:4"), backend="torch")
 
 
 # ---- backends ----------------------------------------------------------------------------------
