@@ -31,6 +31,7 @@ from bench_refine import make_problem, time_call  # noqa: E402
 # raises smaller chunks to that).
 SWEEP = [
     {"select": "rows"}, {"select": "rows", "num_warps": 4}, {"select": "rows", "num_warps": 16},
+    {"select": "rows", "row_programs_per_sm": 1}, {"select": "rows", "row_programs_per_sm": 2},
     {"select": "stream"},                                           # 4 warps, chunk 1024, 8/SM
     {"select": "stream", "chunk": 512}, {"select": "stream", "chunk": 2048},
     {"select": "stream", "programs_per_sm": 4},
@@ -43,9 +44,9 @@ SWEEP = [
 ]
 
 
-# The launches --ncu makes for Nsight Compute: the row kernel, the streamed kernel at 4 warps
-# and as a warp per row (the candidates for auto's default at in = 4096).
-NCU_LAUNCHES = [{"select": "rows"}, {"select": "stream"},
+# The launches --ncu makes for Nsight Compute: the row kernel (one program per row; persistent
+# and seeded), the streamed kernel at 4 warps and as a warp per row (candidates for auto at in = 4096).
+NCU_LAUNCHES = [{"select": "rows"}, {"select": "rows", "row_programs_per_sm": 1}, {"select": "stream"},
                 {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 16}]
 
 

@@ -45,13 +45,13 @@ SCRIPT = textwrap.dedent(r"""
         fn, warps = select_kernel, 8
         sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
                    iscore_ptr="*fp32", imask_ptr="*u8", mask_ptr="*u8", e0_ptr="*fp64",
-                   queue_ptr="*i32", qd_ptr="*fp32", qa_ptr="*fp32", scratch_ptr="*i64", cols="i32", stride_w="i32",
+                   queue_ptr="*i32", qd_ptr="*fp32", qa_ptr="*fp32", scratch_ptr="*i64", rows="i32", cols="i32", stride_w="i32",
                    stride_is="i32", stride_im="i32", stride_m="i32", pruned_per_row="i32", depth="i32")
         nm = case.startswith("select-nm")
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, GPAD=1024 if nm else 1,
                      MPAD=4 if nm else 4096, HAS_MASK=False, HAS_SCORE=False,
                      NQ=2 if nm else 4, TPAD=64, CAP=128, STORE_A=not nm,
-                     JOINT=not case.endswith("-serial"))
+                     JOINT=not case.endswith("-serial"), SEEDED=case.endswith("-seeded"))
     elif case.startswith("cycles"):
         fn, warps = cycles_kernel, 4
         sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", scale_ptr="*fp32", iscore_ptr="*fp32",
@@ -79,7 +79,7 @@ SCRIPT = textwrap.dedent(r"""
                           local=ptx.count("st.local"), shared=k.metadata.shared)))
 """)
 
-CASES = [("select-unstructured", "fp16"), ("select-nm", "bf16"), ("stream-unstructured", "fp16"),
+CASES = [("select-unstructured", "fp16"), ("select-unstructured-seeded", "fp16"), ("select-nm", "bf16"), ("stream-unstructured", "fp16"),
          ("stream-nm", "bf16"), ("select-unstructured-serial", "fp16"), ("stream-nm-serial", "bf16"),
          ("stream-unstructured-narrow", "fp16"), ("stream-unstructured-1warp", "fp16"),
          ("stream-nm-1warp", "bf16"),

@@ -142,10 +142,13 @@ def test_ties_in_every_queue(select, queue_search):
            queue_search=queue_search)
 
 
-@pytest.mark.parametrize("chunk", [16, 64])
-def test_streamed_kth_seed_across_rows(chunk):
-    """The streamed kernel seeds each row's k-th search from the previous row of its program
-    (scaled by the rows' mean scores) and finishes small brackets in registers. Seeds are only
+@pytest.mark.parametrize("launch", [dict(select="stream", chunk=16), dict(select="stream", chunk=64),
+                                    dict(select="rows", row_programs_per_sm=1)],
+                         ids=["stream-chunk16", "stream-chunk64", "rows-seeded"])
+def test_kth_seed_across_rows(launch):
+    """The streamed kernel (and the row kernel with ``row_programs_per_sm``) seeds each row's
+    k-th search from the previous row of its program (scaled by the rows' mean scores); the
+    streamed one finishes small brackets in registers. Seeds are only
     probes, so rows that break the prediction must still come out exact: scales over six
     decades, an all-zero row (mean score 0), a row of equal weights (one tie block wider than
     the register endgame), a row with one huge weight; 3 programs under the interpreter, so
@@ -159,8 +162,7 @@ def test_streamed_kth_seed_across_rows(chunk):
     _, stats = _layer(out, inn, "fp32", seed=21)
     cfg = dk.RefineConfig(sparsity=0.6, max_cycle_time=12, update_threshold=0.0)
     for cap in (8, 256):                    # register endgame of 32 and 64 columns
-        _check(w.to(DEVICE), stats, cfg, f"seeded-kth-chunk{chunk}-cap{cap}", cap=cap, select="stream",
-               chunk=chunk)
+        _check(w.to(DEVICE), stats, cfg, f"seeded-kth-{launch}-cap{cap}", cap=cap, **launch)
 
 
 @pytest.mark.parametrize("pattern,sparsity", [("1:2", 0.5), ("unstructured", 0.5)])
@@ -188,6 +190,22 @@ def test_both_select_kernels(select, chunk, queue_search, pattern, sparsity, cap
     cfg = dk.RefineConfig(sparsity=sparsity, pattern=pattern, update_threshold=0.01)
     _check(w, stats, cfg, f"{select}-{chunk}-{queue_search}-{pattern}-{sparsity}-{cap}", cap=cap,
            select=select, chunk=chunk, queue_search=queue_search)
+
+
+@pytest.mark.parametrize("pattern,given_mask", [("4:8", False), ("unstructured", True), ("unstructured", False)])
+def test_persistent_row_kernel(pattern, given_mask):
+    """``row_programs_per_sm``: row-kernel programs that loop over the rows with a seeded k-th
+    search (unstructured rows without a given mask; N:M and given masks keep one program per row)."""
+    w, stats = _layer(11, 64, "bf16", seed=9)
+    cfg = dk.RefineConfig(sparsity=0.5, pattern=pattern, max_cycle_time=8, update_threshold=0.01)
+    mask = None
+    if given_mask:
+        mask = (torch.rand(11, 64, generator=torch.Generator().manual_seed(2)) < 0.4).to(DEVICE)
+    _check(w, stats, cfg, f"persistent-rows-{pattern}-{given_mask}", cap=16, initial_mask=mask,
+           select="rows", row_programs_per_sm=2)
+    problem, _ = dk.build_problem(w, stats, cfg)
+    with pytest.raises(ValueError, match="row_programs_per_sm"):
+        refine_triton(problem, row_programs_per_sm=-1)
 
 
 @pytest.mark.parametrize("select", ["rows", "stream"])
@@ -255,7 +273,8 @@ def test_bad_input_is_rejected():
 # ------------------------------------------------------------------------------------------------
 GPU_KNOBS = [{}, {"select": "rows", "queue_search": "serial"}, {"select": "stream", "queue_search": "serial"},
              {"select": "rows", "queue_search": "joint"}, {"select": "stream", "queue_search": "joint"},
-             {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 16}]
+             {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 16},
+             {"select": "rows", "row_programs_per_sm": 1}]
 
 
 @pytest.mark.gpu

@@ -124,6 +124,35 @@ def threshold32(v, tie, member, lo_count, hi_count):
                                   tl.where(member, v, INT32_MIN))
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
         n, vmin, vmax, lo_count, hi_count)
+    return _search_registers(v, tie, member, lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt,
+                             searching, target, bisect)
+
+
+@triton.jit
+def kth32_seeded(v, tie, member, k, seed, spread, use_seed):
+    """:func:`threshold32` ``(v, tie, member, k, k)`` (the ``k``-th smallest pair, ``k >= 1``)
+    whose first reduction also counts the members at ``seed -+ spread``, two probes that usually
+    bracket the answer before the first search probe (see :func:`seed_predict`). Any seed gives
+    the same answer: a seed count is used only when ``use_seed`` and it lies inside the bracket."""
+    t_lo = tl.maximum(tl.minimum(seed - spread, INT32_MAX), INT32_MIN).to(tl.int32)
+    t_hi = tl.maximum(tl.minimum(seed + spread, INT32_MAX), INT32_MIN).to(tl.int32)
+    n, vmin, vmax, c1, c2 = tl.reduce((tl.where(member, 1, 0), tl.where(member, v, INT32_MAX),
+                                       tl.where(member, v, INT32_MIN), tl.where(member & (v <= t_lo), 1, 0),
+                                       tl.where(member & (v <= t_hi), 1, 0)), 0, combine5)
+    lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
+        n, vmin, vmax, k, k)
+    lo, hi, c_lo, c_hi, tv, searching = seed_step(c1, t_lo, use_seed, lo, hi, c_lo, c_hi, tv, searching,
+                                                  lo_count, hi_count)
+    lo, hi, c_lo, c_hi, tv, searching = seed_step(c2, t_hi, use_seed, lo, hi, c_lo, c_hi, tv, searching,
+                                                  lo_count, hi_count)
+    return _search_registers(v, tie, member, lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt,
+                             searching, target, bisect)
+
+
+@triton.jit
+def _search_registers(v, tie, member, lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching,
+                      target, bisect):
+    """The probes and the tie split of :func:`threshold32` from a search state."""
     steps = 0
     while searching & (hi - lo > 1) & (steps < 70):
         mid = search_probe(lo, hi, c_lo, c_hi, target, bisect)
@@ -144,6 +173,48 @@ def threshold32(v, tie, member, lo_count, hi_count):
             tlo, thi, tt, going = tie_step(c, mid, tlo, thi, tt, lo_count - c_lo, hi_count - c_lo)
         tv = hi.to(tl.int32)
     return tv, tt
+
+
+@triton.jit
+def combine5(n_a, lo_a, hi_a, s1_a, s2_a, n_b, lo_b, hi_b, s1_b, s2_b):
+    """Combine of a (count, min, max, seed count, seed count) multi-operand reduction."""
+    return n_a + n_b, tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b), s1_a + s1_b, s2_a + s2_b
+
+
+@triton.jit
+def seed_step(c, t, use, lo, hi, c_lo, c_hi, tv, searching, lo_count, hi_count):
+    """:func:`search_step` with a seed key ``t`` counted in the stats pass, applied only when
+    ``use`` and ``t`` lies strictly inside the bracket (else the state is unchanged)."""
+    inside = use & searching & (t > lo) & (t < hi)
+    lo2, hi2, c_lo2, c_hi2, tv2, searching2, _ = search_step(c, t, lo, hi, c_lo, c_hi, tv, searching,
+                                                             lo_count, hi_count)
+    return (tl.where(inside, lo2, lo), tl.where(inside, hi2, hi), tl.where(inside, c_lo2, c_lo),
+            tl.where(inside, c_hi2, c_hi), tl.where(inside, tv2, tv), tl.where(inside, searching2, searching))
+
+
+@triton.jit
+def seed_state():
+    """Initial ``(ratio, miss, have_ratio)`` of a program's k-th-score predictor (scalars)."""
+    return (tl.zeros([1], dtype=tl.float32).sum(axis=0), tl.full([1], 65536, dtype=tl.int64).sum(axis=0),
+            tl.zeros([1], dtype=tl.int32).sum(axis=0))
+
+
+@triton.jit
+def seed_predict(mean_score, ratio, miss):
+    """``(seed, spread)``: this row's predicted ``k``-th key (the previous row's ``k``-th score
+    over its mean score, times this row's mean score) and how far to probe around it (twice
+    the last miss, in ordered-key units)."""
+    return ordered32(mean_score * ratio).to(tl.int64), tl.maximum(2 * miss, 4096)
+
+
+@triton.jit
+def seed_learn(tv, seed, mean_score, ratio, miss, have_ratio):
+    """The predictor after a row whose ``k``-th key came out ``tv``: ``(ratio, miss, have_ratio)``
+    (rows with a zero, NaN or infinite mean score leave the ratio as it was)."""
+    kth = tl.where(tv < 0, tv ^ 0x7FFFFFFF, tv).to(tl.float32, bitcast=True)
+    miss = tl.where(have_ratio != 0, tl.abs(tv.to(tl.int64) - seed), miss)
+    usable = (mean_score > 0) & (kth == kth) & (mean_score < float("inf"))
+    return tl.where(usable, kth / mean_score, ratio), miss, tl.where(usable, 1, have_ratio)
 
 
 @triton.jit

@@ -1,15 +1,19 @@
 """Kernel 1 of 2: scores, the initial mask, the row error and the top-``T`` candidate queues.
 
-One program per row of ``W`` ``[out, in]``; the whole row lives in registers as a
+One row of ``W`` ``[out, in]`` at a time per program, the whole row in registers as a
 ``[GPAD, MPAD]`` tile (N:M: one group of ``M`` columns per tile row; unstructured: ``[1, BLOCK]``
-with ``BLOCK = next_pow2(in)``). Math (SPEC §2-§5, all float32 unless stated):
+with ``BLOCK = next_pow2(in)``). The launcher starts one program per row, or (``SEEDED``) a few
+per SM that loop over the rows and seed each unstructured row's ``k``-th search from the
+program's previous row (:func:`._common.kth32_seeded`). Math (SPEC §2-§5, all float32 unless
+stated):
 
     D = w * S        G = div_rn(D, V^p)        A = |w| * sqrt(Q)
     score = |w| * init_col_scale   (or the given init_score row)
     key(x) = ordered_int32(x) * 2^32 + column          (unique; orders like a stable sort)
 
 * Initial mask (unless given): unstructured: prune the ``k`` smallest score keys, found
-  exactly by :func:`threshold32` (interpolation/bisection on int32 counts; no sort). N:M: prune the columns
+  exactly by :func:`threshold32` (interpolation/bisection on int32 counts; no sort; seeded:
+  one reduction for the mean score, then ~5 probes instead of ~10). N:M: prune the columns
   whose key rank inside their group is ``< N`` (rank = a static loop over the ``M`` group
   members, each loaded as one strided ``[GPAD]`` column).
 * ``e0 = Σ_{pruned} (double) D`` (float64).
@@ -36,22 +40,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (INT64_MAX, init_score, ordered32, pick, queue_field, queue_key,
-                      queue_thresholds, store_queues, threshold32)
+from ._common import (INT64_MAX, init_score, kth32_seeded, ordered32, pick, queue_field, queue_key,
+                      queue_thresholds, seed_learn, seed_predict, seed_state, store_queues, threshold32)
 
 
 @triton.jit
 def select_kernel(
     w_ptr, s_ptr, sq_ptr, vp_ptr, scale_ptr, iscore_ptr, imask_ptr,   # inputs
     mask_ptr, e0_ptr, queue_ptr, qd_ptr, qa_ptr, scratch_ptr,           # outputs / scratch
-    cols, stride_w, stride_is, stride_im, stride_m, pruned_per_row, depth,
+    rows, cols, stride_w, stride_is, stride_im, stride_m, pruned_per_row, depth,
     IS_NM: tl.constexpr, N: tl.constexpr, M: tl.constexpr,
     GPAD: tl.constexpr, MPAD: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SCORE: tl.constexpr,
     NQ: tl.constexpr, TPAD: tl.constexpr, CAP: tl.constexpr, STORE_A: tl.constexpr,
-    JOINT: tl.constexpr,
+    JOINT: tl.constexpr, SEEDED: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     gi = tl.arange(0, GPAD)[:, None].to(tl.int64)
     jj = tl.arange(0, MPAD)[None, :].to(tl.int64)
     if IS_NM:
@@ -60,7 +65,39 @@ def select_kernel(
     else:
         col = gi * MPAD + jj
         valid = col < cols
+    # the previous row's k-th score over its mean score and the last miss: this program's
+    # prediction of the next row's k-th key (see _common.seed_predict), used when SEEDED
+    ratio, miss, have_ratio = seed_state()
+    if SEEDED:
+        # a few programs per SM loop over the rows
+        for row_i in range(pid, rows, nprog):
+            row = (pid * 0 + row_i).to(tl.int64)     # (a tensor also under the interpreter)
+            ratio, miss, have_ratio = _select_row(
+                w_ptr, s_ptr, sq_ptr, vp_ptr, scale_ptr, iscore_ptr, imask_ptr,
+                mask_ptr, e0_ptr, queue_ptr, qd_ptr, qa_ptr, scratch_ptr,
+                row, col, valid, gi, cols, stride_w, stride_is, stride_im, stride_m, pruned_per_row, depth,
+                ratio, miss, have_ratio, IS_NM, N, M, GPAD, MPAD, HAS_MASK, HAS_SCORE, NQ, TPAD, CAP,
+                STORE_A, JOINT, SEEDED)
+    else:
+        # one program per row (no loop: the register allocation of the one-row kernel)
+        _select_row(w_ptr, s_ptr, sq_ptr, vp_ptr, scale_ptr, iscore_ptr, imask_ptr,
+                    mask_ptr, e0_ptr, queue_ptr, qd_ptr, qa_ptr, scratch_ptr,
+                    pid.to(tl.int64), col, valid, gi, cols, stride_w, stride_is, stride_im, stride_m,
+                    pruned_per_row, depth, ratio, miss, have_ratio, IS_NM, N, M, GPAD, MPAD, HAS_MASK,
+                    HAS_SCORE, NQ, TPAD, CAP, STORE_A, JOINT, SEEDED)
 
+
+@triton.jit
+def _select_row(
+    w_ptr, s_ptr, sq_ptr, vp_ptr, scale_ptr, iscore_ptr, imask_ptr,
+    mask_ptr, e0_ptr, queue_ptr, qd_ptr, qa_ptr, scratch_ptr,
+    row, col, valid, gi, cols, stride_w, stride_is, stride_im, stride_m, pruned_per_row, depth,
+    ratio, miss, have_ratio,
+    IS_NM: tl.constexpr, N: tl.constexpr, M: tl.constexpr, GPAD: tl.constexpr, MPAD: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_SCORE: tl.constexpr, NQ: tl.constexpr, TPAD: tl.constexpr,
+    CAP: tl.constexpr, STORE_A: tl.constexpr, JOINT: tl.constexpr, SEEDED: tl.constexpr,
+):
+    """One row of :func:`select_kernel`; returns the k-th-score predictor after it."""
     w = tl.load(w_ptr + row * stride_w + col, mask=valid, other=0.0).to(tl.float32)
     d = w * tl.load(s_ptr + col, mask=valid, other=0.0)
     g = tl.math.div_rn(d, tl.load(vp_ptr + col, mask=valid, other=1.0))
@@ -72,7 +109,8 @@ def select_kernel(
     else:
         w_row = w_ptr + row * stride_w
         iscore_row = iscore_ptr + row * stride_is
-        sv = ordered32(init_score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE))
+        score = init_score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE)
+        sv = ordered32(score)
         if IS_NM:
             rank = tl.zeros([GPAD, MPAD], dtype=tl.int32)
             for j2 in tl.static_range(M):
@@ -86,7 +124,16 @@ def select_kernel(
             flat_v = tl.reshape(sv, [GPAD * MPAD])
             flat_c = tl.reshape(col, [GPAD * MPAD]).to(tl.int32)
             flat_valid = tl.reshape(valid, [GPAD * MPAD])
-            tv, tt = threshold32(flat_v, flat_c, flat_valid, pruned_per_row, pruned_per_row)
+            if SEEDED:
+                # one more reduction (the mean score) for a seeded search of ~5 probes instead of ~10
+                mean_score = tl.sum(tl.sum(tl.where(valid, score, 0.0), axis=1), axis=0) / cols
+                seed, spread = seed_predict(mean_score, ratio, miss)
+                # (k = 0 prunes nothing: the mask below ignores the threshold of its k = 1 search)
+                tv, tt = kth32_seeded(flat_v, flat_c, flat_valid, pruned_per_row + (pruned_per_row == 0),
+                                      seed, spread, have_ratio != 0)
+                ratio, miss, have_ratio = seed_learn(tv, seed, mean_score, ratio, miss, have_ratio)
+            else:
+                tv, tt = threshold32(flat_v, flat_c, flat_valid, pruned_per_row, pruned_per_row)
             pruned = valid & ((sv < tv) | ((sv == tv) & (col <= tt))) & (pruned_per_row > 0)
     tl.store(mask_ptr + row * stride_m + col, pruned.to(tl.int8), mask=valid)
 
@@ -143,3 +190,4 @@ def select_kernel(
                            other=INT64_MAX), dim=1)
     store_queues(head, row, w_ptr + row * stride_w, s_ptr, sq_ptr, queue_ptr, qd_ptr, qa_ptr,
                  NQ, TPAD, STORE_A)
+    return ratio, miss, have_ratio

@@ -40,10 +40,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, any_true, count_min_max, init_score, joint_step,
-                      joint_tie_step, ordered32, pick, queue_field, queue_key, queue_stats_merge,
+from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, any_true, combine5, count_min_max, init_score,
+                      joint_step, joint_tie_step, ordered32, pick, queue_field, queue_key, queue_stats_merge,
                       queue_stats_parts, queue_stats_reduce, search_probe, search_start,
-                      search_step, store_queues, threshold32, tie_start, tie_step, unpack_counts)
+                      search_step, seed_learn, seed_predict, seed_state, seed_step, store_queues,
+                      threshold32, tie_start, tie_step, unpack_counts)
 
 
 @triton.jit
@@ -147,22 +148,6 @@ def _split_ties(keys, sets, cols, q, lo, hi, c_lo, tv, tt, searching, lo_count, 
 
 
 @triton.jit
-def _combine5(n_a, lo_a, hi_a, s1_a, s2_a, n_b, lo_b, hi_b, s1_b, s2_b):
-    return n_a + n_b, tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b), s1_a + s1_b, s2_a + s2_b
-
-
-@triton.jit
-def _seed_step(c, t, use, lo, hi, c_lo, c_hi, tv, searching, lo_count, hi_count):
-    """:func:`search_step` with a seed key ``t`` counted in the stats pass, applied only when
-    ``use`` and ``t`` lies strictly inside the bracket (else the state is unchanged)."""
-    inside = use & searching & (t > lo) & (t < hi)
-    lo2, hi2, c_lo2, c_hi2, tv2, searching2, _ = search_step(c, t, lo, hi, c_lo, c_hi, tv, searching,
-                                                             lo_count, hi_count)
-    return (tl.where(inside, lo2, lo), tl.where(inside, hi2, hi), tl.where(inside, c_lo2, c_lo),
-            tl.where(inside, c_hi2, c_hi), tl.where(inside, tv2, tv), tl.where(inside, searching2, searching))
-
-
-@triton.jit
 def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexpr, SMALL: tl.constexpr):
     """``(tv, tt)`` of the ``k``-th smallest ``(key, column)`` of the key line (``k >= 1``):
     ``(key < tv) | ((key == tv) & (col <= tt))`` selects exactly ``k`` columns.
@@ -199,12 +184,12 @@ def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexp
         hi_acc = tl.maximum(hi_acc, tl.where(valid, v, INT32_MIN))
         s1_acc += tl.where(valid & (v <= t_lo.to(tl.int32)), 1, 0)
         s2_acc += tl.where(valid & (v <= t_hi.to(tl.int32)), 1, 0)
-    n, vmin, vmax, c1, c2 = tl.reduce((n_acc, lo_acc, hi_acc, s1_acc, s2_acc), 0, _combine5)
+    n, vmin, vmax, c1, c2 = tl.reduce((n_acc, lo_acc, hi_acc, s1_acc, s2_acc), 0, combine5)
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
         n, vmin, vmax, k, k)
-    lo, hi, c_lo, c_hi, tv, searching = _seed_step(c1, t_lo, use_seed, lo, hi, c_lo, c_hi, tv, searching,
+    lo, hi, c_lo, c_hi, tv, searching = seed_step(c1, t_lo, use_seed, lo, hi, c_lo, c_hi, tv, searching,
                                                    lo_count, hi_count)
-    lo, hi, c_lo, c_hi, tv, searching = _seed_step(c2, t_hi, use_seed, lo, hi, c_lo, c_hi, tv, searching,
+    lo, hi, c_lo, c_hi, tv, searching = seed_step(c2, t_hi, use_seed, lo, hi, c_lo, c_hi, tv, searching,
                                                    lo_count, hi_count)
     lo, hi, c_lo, c_hi, tv, searching = _probe_line(keys, keys, cols, 0, lo, hi, c_lo, c_hi, tv, searching,
                                                     target, bisect, lo_count, hi_count, False, CHUNK, SMALL)
@@ -348,9 +333,7 @@ def select_stream_kernel(
     slot = tl.arange(0, CAP)[None, :]
     # the previous row's k-th score over its mean score, and how far off the last prediction
     # was (ordered key units): this program's seed for the next row's k-th search
-    ratio = tl.zeros([1], dtype=tl.float32).sum(axis=0)
-    miss = tl.full([1], 65536, dtype=tl.int64).sum(axis=0)
-    have_ratio = tl.zeros([1], dtype=tl.int32).sum(axis=0)
+    ratio, miss, have_ratio = seed_state()
     for row in range(pid, rows, nprog):
         row64 = (pid * 0 + row).to(tl.int64)     # (a tensor also under the interpreter)
         w_row = w_ptr + row64 * stride_w
@@ -371,17 +354,12 @@ def select_stream_kernel(
                     tl.store(keys + idx, ordered32(score), mask=valid)
                 tl.debug_barrier()
                 mean_score = tl.sum(score_sum, axis=0) / cols
-                seed = ordered32(mean_score * ratio).to(tl.int64)
-                spread = tl.maximum(2 * miss, 4096)
+                seed, spread = seed_predict(mean_score, ratio, miss)
                 # (k = 0 prunes nothing: the mask pass ignores the threshold of its k = 1 search)
                 tv, tt = _kth_search(keys, lines, cols, pruned_per_row + (pruned_per_row == 0), seed, spread,
                                      have_ratio != 0, CHUNK, SMALL)
                 # the seed of the next row (a prediction is only a probe: any value is exact)
-                kth = tl.where(tv < 0, tv ^ 0x7FFFFFFF, tv).to(tl.float32, bitcast=True)
-                miss = tl.where(have_ratio != 0, tl.abs(tv.to(tl.int64) - seed), miss)
-                usable = (mean_score > 0) & (kth == kth) & (mean_score < float("inf"))
-                ratio = tl.where(usable, kth / mean_score, ratio)
-                have_ratio = tl.where(usable, 1, have_ratio)
+                ratio, miss, have_ratio = seed_learn(tv, seed, mean_score, ratio, miss, have_ratio)
                 tl.debug_barrier()
 
         # ---- the mask, e0, and each weight's queue id and key ------------------------------
