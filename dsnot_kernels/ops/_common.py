@@ -134,19 +134,35 @@ def kth32_seeded(v, tie, member, k, seed, spread, use_seed):
     whose first reduction also counts the members at ``seed -+ spread``, two probes that usually
     bracket the answer before the first search probe (see :func:`seed_predict`). Any seed gives
     the same answer: a seed count is used only when ``use_seed`` and it lies inside the bracket."""
-    t_lo = tl.maximum(tl.minimum(seed - spread, INT32_MAX), INT32_MIN).to(tl.int32)
-    t_hi = tl.maximum(tl.minimum(seed + spread, INT32_MAX), INT32_MIN).to(tl.int32)
+    t_lo, t_hi = seed_probes(seed, spread)
     n, vmin, vmax, c1, c2 = tl.reduce((tl.where(member, 1, 0), tl.where(member, v, INT32_MAX),
                                        tl.where(member, v, INT32_MIN), tl.where(member & (v <= t_lo), 1, 0),
                                        tl.where(member & (v <= t_hi), 1, 0)), 0, combine5)
+    lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = seeded_search_start(
+        n, vmin, vmax, c1, c2, t_lo, t_hi, k, use_seed)
+    return _search_registers(v, tie, member, lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt,
+                             searching, target, bisect)
+
+
+@triton.jit
+def seed_probes(seed, spread):
+    """The two int32 keys a seeded search counts in its first pass: ``seed -+ spread``, clamped."""
+    t_lo = tl.maximum(tl.minimum(seed - spread, INT32_MAX), INT32_MIN).to(tl.int32)
+    t_hi = tl.maximum(tl.minimum(seed + spread, INT32_MAX), INT32_MIN).to(tl.int32)
+    return t_lo, t_hi
+
+
+@triton.jit
+def seeded_search_start(n, vmin, vmax, c1, c2, t_lo, t_hi, k, use_seed):
+    """:func:`search_start` for the ``k``-th key, then narrowed by the seed counts ``c1``, ``c2``
+    (members ``<= t_lo``, ``<= t_hi``) where they apply (:func:`seed_step`)."""
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
         n, vmin, vmax, k, k)
     lo, hi, c_lo, c_hi, tv, searching = seed_step(c1, t_lo, use_seed, lo, hi, c_lo, c_hi, tv, searching,
                                                   lo_count, hi_count)
     lo, hi, c_lo, c_hi, tv, searching = seed_step(c2, t_hi, use_seed, lo, hi, c_lo, c_hi, tv, searching,
                                                   lo_count, hi_count)
-    return _search_registers(v, tie, member, lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt,
-                             searching, target, bisect)
+    return lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect
 
 
 @triton.jit

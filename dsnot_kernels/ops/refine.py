@@ -1,6 +1,7 @@
 """Host side of the ``"triton"`` backend: :func:`refine_triton` launches the two kernels.
 
     select_kernel  grid (rows,)                       scores, initial mask, e0, top-T queues
+      (seeded: grid (min(rows, SMs x row_programs_per_sm),), programs looping over rows)
       or select_stream_kernel  grid (min(rows, SMs x programs_per_sm),)  the same, programs looping over rows
     cycles_kernel  grid (ceil(rows / BLOCK_R),)       all swap cycles, in registers
 

@@ -40,11 +40,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, any_true, combine5, count_min_max, init_score,
-                      joint_step, joint_tie_step, ordered32, pick, queue_field, queue_key, queue_stats_merge,
-                      queue_stats_parts, queue_stats_reduce, search_probe, search_start,
-                      search_step, seed_learn, seed_predict, seed_state, seed_step, store_queues,
-                      threshold32, tie_start, tie_step, unpack_counts)
+from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, any_true, combine5, count_min_max,
+                      init_score, joint_step, joint_tie_step, ordered32, pick, queue_field, queue_key,
+                      queue_stats_merge, queue_stats_parts, queue_stats_reduce, search_probe,
+                      search_start, search_step, seed_learn, seed_predict, seed_probes, seed_state,
+                      seeded_search_start, store_queues, threshold32, tie_start, tie_step, unpack_counts)
 
 
 @triton.jit
@@ -166,8 +166,7 @@ def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexp
 
     A tie block wider than ``SMALL`` ends in :func:`_search`'s tie split.
     """
-    t_lo = tl.maximum(tl.minimum(seed - spread, INT32_MAX), INT32_MIN)
-    t_hi = tl.maximum(tl.minimum(seed + spread, INT32_MAX), INT32_MIN)
+    t_lo, t_hi = seed_probes(seed, spread)
     # the stats pass walks narrower tiles: five accumulators
     SCH: tl.constexpr = CHUNK // 4 if CHUNK >= 4 else 1
     n_acc = tl.zeros([SCH], dtype=tl.int32)
@@ -182,15 +181,11 @@ def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexp
         n_acc += tl.where(valid, 1, 0)
         lo_acc = tl.minimum(lo_acc, tl.where(valid, v, INT32_MAX))
         hi_acc = tl.maximum(hi_acc, tl.where(valid, v, INT32_MIN))
-        s1_acc += tl.where(valid & (v <= t_lo.to(tl.int32)), 1, 0)
-        s2_acc += tl.where(valid & (v <= t_hi.to(tl.int32)), 1, 0)
+        s1_acc += tl.where(valid & (v <= t_lo), 1, 0)
+        s2_acc += tl.where(valid & (v <= t_hi), 1, 0)
     n, vmin, vmax, c1, c2 = tl.reduce((n_acc, lo_acc, hi_acc, s1_acc, s2_acc), 0, combine5)
-    lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
-        n, vmin, vmax, k, k)
-    lo, hi, c_lo, c_hi, tv, searching = seed_step(c1, t_lo, use_seed, lo, hi, c_lo, c_hi, tv, searching,
-                                                   lo_count, hi_count)
-    lo, hi, c_lo, c_hi, tv, searching = seed_step(c2, t_hi, use_seed, lo, hi, c_lo, c_hi, tv, searching,
-                                                   lo_count, hi_count)
+    lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = seeded_search_start(
+        n, vmin, vmax, c1, c2, t_lo, t_hi, k, use_seed)
     lo, hi, c_lo, c_hi, tv, searching = _probe_line(keys, keys, cols, 0, lo, hi, c_lo, c_hi, tv, searching,
                                                     target, bisect, lo_count, hi_count, False, CHUNK, SMALL)
     if searching & (c_hi - c_lo <= SMALL):
