@@ -19,7 +19,8 @@
 #   bash benchmarks/gpu_session.sh profile   # profile_refine for $SHAPES (default 4096x4096);
 #                                            #   SWEEP=1 adds the launch-knob sweep (minutes of compiles)
 #   bash benchmarks/gpu_session.sh ncu       # Nsight Compute counters of each select/cycles kernel
-#                                            #   (row kernel, streamed 4 warps, warp per row)
+#                                            #   (row kernel one per row and seeded, streamed 4
+#                                            #   warps, warp per row: profile_refine.NCU_LAUNCHES)
 #
 # Logs and result files go to $OUT/gpu_session/ (the device tool's output folder; /tmp without
 # it), with steps.tsv (step, exit code, seconds; 124 = stopped at its deadline). Copy
