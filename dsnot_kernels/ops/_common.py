@@ -230,7 +230,9 @@ def seed_learn(tv, seed, mean_score, ratio, miss, have_ratio):
     kth = tl.where(tv < 0, tv ^ 0x7FFFFFFF, tv).to(tl.float32, bitcast=True)
     miss = tl.where(have_ratio != 0, tl.abs(tv.to(tl.int64) - seed), miss)
     usable = (mean_score > 0) & (kth == kth) & (mean_score < float("inf"))
-    return tl.where(usable, kth / mean_score, ratio), miss, tl.where(usable, 1, have_ratio)
+    # divide by 1 where the ratio is not used: no 0/0 or x/inf is ever computed
+    ratio_new = kth / tl.where(usable, mean_score, 1.0)
+    return tl.where(usable, ratio_new, ratio), miss, tl.where(usable, 1, have_ratio)
 
 
 @triton.jit
