@@ -300,7 +300,7 @@ def refine(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConfig] = No
     """
     checks = _ValueChecks()
     problem, updated = _build_problem(layer, stats, cfg, initial_mask, checks)
-    name = choose_backend(backend, problem.weight.device, problem.is_nm)
+    name = choose_backend(backend, problem.weight.device, problem.is_nm, problem)
     out = _run_checked(name, problem, checks)
     return RefineResult(*out, backend=name, updated_weight=updated)
 
@@ -338,7 +338,7 @@ def refine_many(layers: Sequence[LayerLike], stats: LayerStats, cfg: Optional[Re
                          else torch.cat([getattr(p, field) for p, _ in parts]))
     stacked = RefineProblem(**{**first.__dict__, "weight": cat("weight"), "init_score": cat("init_score"),
                                "initial_mask": cat("initial_mask")})
-    name = choose_backend(backend, stacked.weight.device, stacked.is_nm)
+    name = choose_backend(backend, stacked.weight.device, stacked.is_nm, stacked)
     out = _run_checked(name, stacked, checks)
     results, r0 = [], 0
     for problem, updated in parts:

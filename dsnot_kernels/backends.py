@@ -78,8 +78,20 @@ def available_backends(device: Union[torch.device, str] = "cpu",
     return {name: (unavailable_reason(name, device, nm) or True) for name in BACKENDS}
 
 
-def choose_backend(requested: str, device: torch.device, nm: bool) -> str:
-    """Resolve ``requested`` (a name or ``"auto"``) to a backend that can run, or raise."""
+def problem_reason(name: str, problem: RefineProblem) -> Optional[str]:
+    """``None`` if backend ``name`` (available on the problem's device) can run ``problem``,
+    else why not: the triton kernels' queue sort lives in shared memory, which bounds
+    ``max_cycle_time`` (far above the default 50)."""
+    if name == "triton":
+        from .ops.refine import limit_reason
+        return limit_reason(problem.cycles, problem.cols, problem.is_nm, problem.weight.device)
+    return None
+
+
+def choose_backend(requested: str, device: torch.device, nm: bool,
+                   problem: Optional[RefineProblem] = None) -> str:
+    """Resolve ``requested`` (a name or ``"auto"``) to a backend that can run (``problem``
+    too, when given), or raise."""
     if requested == "auto":
         # Unstructured on CUDA: triton first until a GPU measurement says the ext CUDA path
         # (when built, explicit backend="ext") beats it; on CPU the ext path is the fastest.
@@ -87,10 +99,13 @@ def choose_backend(requested: str, device: torch.device, nm: bool) -> str:
         if device.type != "cuda":
             order = tuple(n for n in order if n != "triton")   # the interpreter is a test mode, never a default
         for name in order:
-            if unavailable_reason(name, device, nm) is None:
+            if unavailable_reason(name, device, nm) is None and \
+                    (problem is None or problem_reason(name, problem) is None):
                 return name
         return "torch"
     reason = unavailable_reason(requested, device, nm)
+    if reason is None and problem is not None:
+        reason = problem_reason(requested, problem)
     if reason is not None:
         raise RuntimeError(f"backend={requested!r} cannot run here: {reason}")
     return requested

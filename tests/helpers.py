@@ -28,6 +28,29 @@ def make_layer(out_features: int, in_features: int, dtype=torch.float32, seed: i
     return weight, acc.finalize()
 
 
+def non_finite_growth_layer(pattern: str, seed: int = 11):
+    """A layer, its statistics and a config whose growth scores ``G`` hold +-inf and NaN.
+
+    Every fourth channel has zero variance; with ``p = 4``, ``V^p = TINY^4`` underflows to 0,
+    so ``G = D / 0`` is +-inf, and NaN where ``S = 0`` too (``D = 0``). NaN is in no queue
+    (neither ``G > 0`` nor ``G < 0``); every backend must agree on that and order the
+    infinities as floats.
+    """
+    from dataclasses import replace
+    weight, stats = make_layer(12, 64, torch.float32, seed=seed)
+    var = stats.var.clone()
+    var[::4] = 0.0
+    sums = stats.sum_metric_row.clone()
+    sums[8::16] = 0.0
+    stats = replace(stats, var=var, sum_metric_row=sums)
+    cfg = dk.RefineConfig(sparsity=0.5, pattern=pattern, max_cycle_time=10, update_threshold=0.01,
+                          pow_of_var_regrowing=4.0)
+    problem, _ = build_problem(weight, stats, cfg)
+    g = weight * problem.sum_metric_row / problem.var_pow
+    assert bool(g.isinf().any()) and bool(g.isnan().any()), "the layer needs infinite and NaN scores"
+    return weight, stats, cfg
+
+
 def reference_output(weight, stats, cfg, initial_mask=None):
     problem, _ = build_problem(weight, stats, cfg, initial_mask)
     return problem, refine_reference(problem)

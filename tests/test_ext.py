@@ -20,7 +20,7 @@ from dsnot_kernels import ext
 from dsnot_kernels.api import build_problem
 from dsnot_kernels.reference import refine_reference
 
-from helpers import DTYPES, assert_same_output, make_layer, reference_output
+from helpers import DTYPES, assert_same_output, make_layer, non_finite_growth_layer, reference_output
 
 REASON_CPU = ext.unavailable_reason(torch.device("cpu"))
 if REASON_CPU is not None and os.environ.get("DSNOT_BUILD_EXT") == "1":
@@ -47,6 +47,14 @@ def test_cpu_matches_reference(pattern, rows, cols, dtype):
     weight, stats = make_layer(rows, cols, DTYPES[dtype], seed=rows + cols)
     expected = _parity(weight, stats, dk.RefineConfig(pattern=pattern), label=f"{pattern}-{dtype}")
     assert expected.swaps.float().mean() > 0, "no swaps: the case would not test the loop"
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_non_finite_growth_scores(pattern):
+    """G = +-inf and NaN (zero-variance channels, p = 4): same masks as the reference."""
+    weight, stats, cfg = non_finite_growth_layer(pattern)
+    expected = _parity(weight, stats, cfg, label=f"{pattern}-non-finite-G")
+    assert expected.swaps.float().mean() > 0
 
 
 @pytest.mark.parametrize("sign_check", [False, True], ids=["sign-off", "sign-on"])

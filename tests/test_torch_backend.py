@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dsnot_kernels as dk
-from helpers import DTYPES, assert_same_output, make_layer, reference_output
+from helpers import DTYPES, assert_same_output, make_layer, non_finite_growth_layer, reference_output
 
 UNSTRUCTURED = [("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7)]
 NM = [("2:4", 0.5), ("4:8", 0.5), ("8:16", 0.5), ("1:4", 0.25), ("3:4", 0.75)]
@@ -190,3 +190,12 @@ def test_parity_cuda(dtype, pattern, sparsity):
     assert_same_output(expected, (res.pruned_mask, res.swaps, res.error_before, res.error_after),
                        f"cuda-O64-I1000-{pattern}-{dtype}")
     assert res.swaps.float().mean() > 0
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_non_finite_growth_scores(pattern):
+    """G = +-inf and NaN (zero-variance channels, p = 4): same masks as the reference."""
+    w, stats, cfg = non_finite_growth_layer(pattern)
+    res = _run(w, stats, cfg, f"{pattern}-non-finite-G")
+    assert float(res.swaps.float().mean()) > 0

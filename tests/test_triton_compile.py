@@ -29,6 +29,7 @@ SCRIPT = textwrap.dedent(r"""
 
     case, cc = sys.argv[1], int(sys.argv[2])
     W = "*" + sys.argv[3]
+    cap = int(sys.argv[4]) if len(sys.argv) > 4 else 128
     if case.startswith("stream"):
         fn, warps = select_stream_kernel, 1 if case.endswith("-1warp") else 4
         sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
@@ -38,7 +39,7 @@ SCRIPT = textwrap.dedent(r"""
                    stride_im="i32", stride_m="i32", pruned_per_row="i32", depth="i32")
         nm = case.startswith("stream-nm")
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, MPAD=4 if nm else 16384,
-                     HAS_MASK=False, HAS_SCORE=False, NQ=2 if nm else 4, TPAD=64, CAP=128,
+                     HAS_MASK=False, HAS_SCORE=False, NQ=2 if nm else 4, TPAD=64, CAP=cap,
                      STORE_A=not nm, CHUNK=128 if case.endswith(("-narrow", "-1warp")) else 1024,
                      JOINT=not case.endswith("-serial"), SMALL=64)
     elif case.startswith("select"):
@@ -50,7 +51,7 @@ SCRIPT = textwrap.dedent(r"""
         nm = case.startswith("select-nm")
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, GPAD=1024 if nm else 1,
                      MPAD=4 if nm else 4096, HAS_MASK=False, HAS_SCORE=False,
-                     NQ=2 if nm else 4, TPAD=64, CAP=128, STORE_A=not nm,
+                     NQ=2 if nm else 4, TPAD=64, CAP=cap, STORE_A=not nm,
                      JOINT=not case.endswith("-serial"), SEEDED=case.endswith("-seeded"))
     elif case.startswith("cycles"):
         fn, warps = cycles_kernel, 4
@@ -97,3 +98,19 @@ def test_kernel_compiles_for_cuda(case, dtype, cc):
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["ptx"] > 0 and info["cubin"] > 0, info
     assert info["target"], f"PTX not for sm_{cc}: {info}"
+
+
+@pytest.mark.parametrize("case,dtype,cap", [("select-unstructured", "fp16", 1024), ("stream-unstructured", "fp16", 1024),
+                                            ("select-nm", "bf16", 2048), ("stream-nm", "bf16", 2048)],
+                         ids=lambda v: f"cap{v}" if isinstance(v, int) else v)
+def test_queue_sort_shared_memory(case, dtype, cap):
+    """``ops.refine.limit_reason`` bounds ``max_cycle_time`` by the ``[NQ, CAP]`` int64 queue
+    sort's shared memory, ``NQ * CAP * 8`` bytes: the sm_90 cubins of both select kernels
+    need exactly that once the sort is their largest shared buffer."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, case, "90", dtype, str(cap)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{case} cap {cap}: compile failed\n{proc.stderr[-4000:]}"
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    nq = 2 if "-nm" in case else 4
+    assert info["shared"] == nq * cap * 8, f"{case} cap {cap}: {info['shared']} B of shared memory"

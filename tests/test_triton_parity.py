@@ -13,7 +13,7 @@ import torch
 import dsnot_kernels as dk
 from dsnot_kernels.stats import _batch_partial_sums_torch
 
-from helpers import DTYPES, assert_same_output, make_layer, reference_output
+from helpers import DTYPES, assert_same_output, make_layer, non_finite_growth_layer, reference_output
 
 pytest.importorskip("triton")
 from dsnot_kernels.ops import batch_partial_sums, refine_triton  # noqa: E402
@@ -268,6 +268,53 @@ def test_bad_input_is_rejected():
         batch_partial_sums(torch.zeros(1, 4, 4, dtype=torch.int32, device=DEVICE))
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("select", ["rows", "stream"])
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_non_finite_growth_scores(pattern, select):
+    """G = +-inf and NaN (zero-variance channels, p = 4): the kernels agree with the reference."""
+    w, stats, cfg = non_finite_growth_layer(pattern)
+    _check(w.to(DEVICE), stats.to(DEVICE), cfg, f"{pattern}-non-finite-G-{select}", select=select, chunk=16)
+
+
+@pytest.mark.parametrize("gpu,optin,unstructured_max,nm_max",
+                         [("H200", 232448, 4096, 8192), ("A100", 166912, 4096, 8192),
+                          ("RTX 4090", 101376, 2048, 4096)])
+def test_cycle_limit_from_shared_memory(monkeypatch, gpu, optin, unstructured_max, nm_max):
+    """The select kernels sort ``[NQ, CAP]`` int64 keys in shared memory (NQ*CAP*8 bytes, the
+    AOT compile test checks that figure): deeper queues than a GPU's per-block shared memory
+    holds are refused with the largest ``max_cycle_time`` that fits, before any launch."""
+    from dsnot_kernels.ops import refine as launcher
+    monkeypatch.setattr(launcher, "_shared_memory_per_block", lambda device: optin)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    cuda = torch.device("cuda")
+    for nm, most in ((False, unstructured_max), (True, nm_max)):
+        assert launcher.limit_reason(50, 4096, nm, cuda) is None
+        assert launcher.limit_reason(most, 16384, nm, cuda) is None
+        reason = launcher.limit_reason(most + 1, 16384, nm, cuda)
+        assert reason is not None and f"max_cycle_time <= {most}" in reason and gpu in reason, reason
+        # a row narrower than the queue depth caps the depth: then any max_cycle_time fits
+        assert launcher.limit_reason(10 ** 6, most, nm, cuda) is None
+    assert launcher.limit_reason(10 ** 6, 16384, False, torch.device("cpu")) is None   # interpreter
+
+
+def test_too_many_cycles_for_triton(monkeypatch):
+    """Beyond the 16-bit queue counts (any device): the launcher and an explicit
+    ``backend="triton"`` refuse with the reason, ``auto`` on a GPU takes the torch backend."""
+    from dsnot_kernels import backends
+    w, stats = _layer(1, 65536, "fp32")
+    cfg = dk.RefineConfig(sparsity=0.5, max_cycle_time=40000)
+    problem, _ = dk.build_problem(w, stats, cfg)
+    with pytest.raises(ValueError, match="max_cycle_time=40000 is too large"):
+        refine_triton(problem)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run here: max_cycle_time=40000"):
+        backends.choose_backend("triton", problem.weight.device, False, problem)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device, nm: None)
+    assert backends.choose_backend("auto", torch.device("cuda"), False, problem) == "torch"
+    small, _ = dk.build_problem(w, stats, dk.RefineConfig(sparsity=0.5))
+    assert backends.choose_backend("auto", torch.device("cuda"), False, small) == "triton"
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: the same parity at LLaMA sizes (a subset of rows checked against the reference)
 # ------------------------------------------------------------------------------------------------
@@ -306,3 +353,18 @@ def test_gpu_stats_kernel(dtype):
     x = (torch.randn(8, 2048, 4096, generator=gen) + torch.randn(4096, generator=gen)).to(DTYPES[dtype]).cuda()
     for name, e, a in zip(("sum", "sumsq", "m2"), _batch_partial_sums_torch(x), batch_partial_sums(x)):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_gpu_deepest_queue_that_fits(pattern):
+    """The deepest ``max_cycle_time`` that ``limit_reason`` admits on this GPU launches and
+    equals the reference; one power of two deeper is refused before any launch."""
+    from dsnot_kernels.ops.refine import limit_reason
+    nm = pattern != "unstructured"
+    most = next(t for t in (16384, 8192, 4096, 2048, 1024)
+                if limit_reason(t, 16384, nm, torch.device("cuda")) is None)
+    assert limit_reason(2 * most, 16384, nm, torch.device("cuda")) is not None
+    w, stats = _layer(16, 2 * most, "fp16", seed=5)
+    cfg = dk.RefineConfig(sparsity=0.5, pattern=pattern, max_cycle_time=most, update_threshold=0.0)
+    _check(w, stats, cfg, f"{pattern}-T{most}")

@@ -291,7 +291,10 @@ def sign_f64(x):
 @triton.jit
 def queue_field(qid):
     """int64 count field of each weight's queue (0 for ``qid < 0``)."""
-    return tl.where(qid >= 0, tl.full(qid.shape, 1, tl.int64) << (qid.to(tl.int64) * 16), 0)
+    # qid & 3 keeps the shift in 0..48 (NQ <= 4): a shift by -16 (qid = -1) would be poison
+    # in LLVM even where the select discards it
+    shift = (qid & 3).to(tl.int64) * 16
+    return tl.where(qid >= 0, tl.full(qid.shape, 1, tl.int64) << shift, 0)
 
 
 @triton.jit

@@ -28,7 +28,7 @@ JOINT_MAX_COLS = 65535     # the joint queue search counts whole rows in 16-bit 
 KTH_SMALL = 64             # streamed k-th search: bracket size at which the rest is done in registers
 # register cap of the streamed kernel's multi-warp unstructured launch: uncapped, ptxas gives it
 # 218 registers at 4 warps (sm_90, AOT), i.e. two programs per SM; 168 compiles without spills
-# (160 used) and fits three
+# (166 used) and fits three
 STREAM_MAXNREG = 168
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -55,6 +55,48 @@ def _check(problem: RefineProblem) -> None:
         raise ValueError("problem needs init_col_scale or init_score to build or rank the initial mask")
     if problem.is_nm and w.shape[1] % problem.prune_m:
         raise ValueError(f"problem.prune_m={problem.prune_m} must divide in_features={w.shape[1]}")
+
+
+def queue_cap(cycles: int, cols: int, cap: int = DEFAULT_CAP) -> int:
+    """Keys sorted per queue for a problem of ``cycles`` and ``cols``: at least the queue depth
+    ``pow2(min(cycles, cols))``, else ``cap`` (both capped by the padded row)."""
+    tpad = _pow2(max(1, min(int(cycles), cols)))
+    return max(tpad, _pow2(min(cap, _pow2(cols))))
+
+
+def limit_reason(cycles: int, cols: int, nm: bool, device: torch.device,
+                 cap: int = DEFAULT_CAP) -> str | None:
+    """``None`` if the select kernels can sort ``cycles``-deep queues of ``cols``-column rows on
+    ``device``, else why not. The ``[NQ, CAP]`` int64 sort of the queue heads is staged in
+    shared memory (``NQ * CAP * 8`` bytes per program, measured in the sm_90 cubins), so very
+    large ``max_cycle_time`` outgrows a GPU's per-block shared memory (227 KB on H100/H200,
+    163 KB on A100, 99 KB on most consumer GPUs)."""
+    nq = 2 if nm else 4
+    qcap = queue_cap(cycles, cols, cap)
+    if qcap > MAX_CAP:
+        return (f"max_cycle_time={cycles} is too large for the triton backend "
+                f"(at most {MAX_CAP} candidates per queue)")
+    need = nq * qcap * 8
+    if device.type != "cuda" or need <= 48 * 1024:
+        return None              # the interpreter has no limit; every CUDA GPU offers 48 KiB
+    have = _shared_memory_per_block(device)
+    if need > have:
+        most = _pow2(have // (nq * 8) + 1) // 2        # the largest power-of-two cap that fits
+        return (f"max_cycle_time={cycles} needs {need // 1024} KiB of shared memory per program "
+                f"for the triton backend's queue sort; {torch.cuda.get_device_name(device)} "
+                f"offers {have // 1024} KiB: use max_cycle_time <= {most} or backend='torch'")
+    return None
+
+
+def _shared_memory_per_block(device: torch.device) -> int:
+    """Opt-in shared memory per block of ``device`` in bytes (what Triton checks at launch)."""
+    props = torch.cuda.get_device_properties(device)
+    have = getattr(props, "shared_memory_per_block_optin", None)
+    if have is None:     # older torch: ask Triton's driver, the number its launch check uses
+        from triton.runtime import driver
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        have = driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return int(have)
 
 
 def _stream_programs(device: torch.device, per_sm: int) -> int:
@@ -138,10 +180,10 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     cycles = int(problem.cycles)
     depth = max(1, min(cycles, cols))
     tpad = _pow2(depth)
-    cap = max(tpad, _pow2(min(cap, _pow2(cols))))
-    if cap > MAX_CAP:
-        raise ValueError(f"problem.cycles={cycles} is too large for the triton backend "
-                         f"(at most {MAX_CAP} candidates per queue)")
+    reason = limit_reason(cycles, cols, nm, device, cap)
+    if reason is not None:
+        raise ValueError(reason)
+    cap = queue_cap(cycles, cols, cap)
     queues = torch.empty(rows, nq, tpad, dtype=torch.int32, device=device)
     qd = torch.empty(rows, nq, tpad, dtype=torch.float32, device=device)     # D of each entry
     store_a = bool(problem.moment_check) and not nm

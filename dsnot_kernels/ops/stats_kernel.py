@@ -1,6 +1,6 @@
 """Fused calibration statistics (SPEC §1): one pass over the activations ``x [batch, seq, in]``.
 
-Program ``(c, n)`` owns columns ``c*BLOCK_C ..`` of sample ``n`` and walks its ``seq`` tokens in
+Program ``(n, c)`` owns columns ``c*BLOCK_C ..`` of sample ``n`` and walks its ``seq`` tokens in
 tiles of ``BLOCK_T``. Per tile ``b`` (float64 from the fp16/bf16/fp32 load):
 
     s_b = Σ_t x,   q_b = Σ_t x²,   m_b = s_b / n_b,   M2_b = Σ_t (x - m_b)²      (two-pass in registers)
@@ -30,8 +30,9 @@ BLOCK_T = 32 if os.environ.get("TRITON_INTERPRET") != "1" else 256   # wide tile
 @triton.jit
 def stats_kernel(x_ptr, out_ptr, seq, width, stride_b, stride_t,
                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
+    # samples on grid axis 0 (up to 2^31 - 1; axes 1 and 2 stop at 65535), column blocks on axis 1
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     cvalid = c < width
     t_in = tl.arange(0, BLOCK_T).to(tl.int64)
     total = tl.zeros([BLOCK_C], dtype=tl.float64)
@@ -83,7 +84,12 @@ def batch_partial_sums(x: torch.Tensor):
     if batch == 0 or seq == 0 or width == 0:
         z = torch.zeros(width, dtype=torch.float64, device=x.device)
         return z, z.clone(), z.clone()
-    stats_kernel[(triton.cdiv(width, BLOCK_C), batch)](
-        x, out, seq, width, x.stride(0), x.stride(1), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=4)
+    if triton.cdiv(width, BLOCK_C) > 65535:
+        raise ValueError(f"x has in={width} features; the statistics kernel takes at most {65535 * BLOCK_C}")
+    # no FMA contraction: the GPU then rounds each product and sum as the interpreter and
+    # the float64 torch path do
+    stats_kernel[(batch, triton.cdiv(width, BLOCK_C))](
+        x, out, seq, width, x.stride(0), x.stride(1), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=4,
+        enable_fp_fusion=False)
     total = out.sum(0)
     return total[0], total[1], total[2]
