@@ -365,6 +365,6 @@ def test_gpu_deepest_queue_that_fits(pattern):
     most = next(t for t in (16384, 8192, 4096, 2048, 1024)
                 if limit_reason(t, 16384, nm, torch.device("cuda")) is None)
     assert limit_reason(2 * most, 16384, nm, torch.device("cuda")) is not None
-    w, stats = _layer(16, 2 * most, "fp16", seed=5)
+    w, stats = _layer(8, most, "fp16", seed=5)            # queues as deep as the row: CAP = most
     cfg = dk.RefineConfig(sparsity=0.5, pattern=pattern, max_cycle_time=most, update_threshold=0.0)
     _check(w, stats, cfg, f"{pattern}-T{most}")
