@@ -23,7 +23,9 @@ Per row:
    q2 prune- (kept, D < 0, ord(A), col), q3 prune+ (kept, D > 0, ord(A), col);
 3. thresholds keeping ``depth..CAP`` members of every queue: ``JOINT`` (default): one
    stats pass and one counting pass per probe for all queues at once (:func:`_joint_search`,
-   16-bit count fields per queue), then one pass compacting every queue's members
+   16-bit count fields per queue; the stats pass also counts at each queue's threshold key
+   of the program's previous row -+ twice its last miss, which usually ends the search),
+   then one pass compacting every queue's members
    (:func:`_compact_joint`); else per queue :func:`_search` and :func:`_compact`. Compacted
    entries are int64 keys (key * 2^32 + tie, ascending = pop order) in each queue's ``[CAP]``
    line; then one ``[NQ, CAP]`` ``tl.sort`` and the first ``TPAD`` entries written with their
@@ -32,8 +34,10 @@ Per row:
 Passes over the line per row (unstructured, no given mask): 1 key pass, ~3.4 for the exact
 ``k``-th key (1 stats pass with the two seed counts, ~1.5 probes, 1 endgame pass: counted under
 the interpreter on 48 benchmark rows of 4096 columns; ~11 unseeded, without the endgame),
-1 mask/queue-key pass, then joint: 1 + max over queues of the probes (~5) + 1; serial: the
-sum over the four queues of 1 + probes + 1 (~22).
+1 mask/queue-key pass, then joint: 1 + max over queues of the probes + 1, the probes ~6.5
+for a program's first row and ~0.4 for its later ones (``benchmarks/count_passes.py``: 1.4
+per row at 16 rows per program, 1.9 at 4; 2:4: 5.9 unseeded, 0.8 and 1.7); serial: the sum
+over the four queues of 1 + probes + 1 (~22).
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, any_true, comb
                       init_score, joint_step, joint_tie_step, ordered32, pick, queue_field, queue_key,
                       queue_stats_merge, queue_stats_parts, queue_stats_reduce, search_probe,
                       search_start, search_step, seed_learn, seed_predict, seed_probes, seed_state,
-                      seeded_search_start, store_queues, threshold32, tie_start, tie_step, unpack_counts)
+                      seed_step, seeded_search_start, store_queues, threshold32, tie_start, tie_step, unpack_counts)
 
 
 @triton.jit
@@ -236,20 +240,39 @@ def _line(keys, sets, idx, valid):
 
 
 @triton.jit
-def _joint_search(keys, sets, cols, lo_count, hi_count, NQ: tl.constexpr, CHUNK: tl.constexpr):
-    """Per-queue ``(tv, tt)`` (each ``[NQ]``): :func:`._common.queue_thresholds` on the streamed
-    key line, i.e. every queue's :func:`_search` in lockstep, one pass per probe for all queues."""
-    # one pass: member count, smallest and largest key of every queue (narrower tiles: nine
-    # accumulators)
+def _joint_search(keys, sets, cols, lo_count, hi_count, seed, spread, use_seed,
+                  NQ: tl.constexpr, CHUNK: tl.constexpr):
+    """Per-queue ``(tv, tt, searched)`` (each ``[NQ]``): :func:`._common.queue_thresholds` on
+    the streamed key line, i.e. every queue's :func:`_search` in lockstep, one pass per probe
+    for all queues; ``searched``: the queue had more than ``hi_count`` members (``tv`` is then
+    its threshold key, the next row's seed).
+
+    Seeded like the ``k``-th search: the stats pass also counts every queue's members at its
+    ``seed -+ spread`` (``[NQ]`` keys, used where ``use_seed``), which usually lands in or
+    brackets ``[lo_count, hi_count]`` before the first probe. A seed is only a probe: any seed
+    gives the same thresholds."""
+    # one pass: member count, smallest and largest key of every queue, and the seed counts
+    # (narrower tiles: eleven accumulators)
     SCH: tl.constexpr = CHUNK // 4 if CHUNK >= 4 else 1
+    t_lo, t_hi = seed_probes(seed, spread)
     acc = queue_stats_parts(tl.full([SCH], INT32_MAX, tl.int32), tl.full([SCH], -1, tl.int32), NQ)
+    at_lo = tl.zeros([SCH], dtype=tl.int64)
+    at_hi = tl.zeros([SCH], dtype=tl.int64)
     for c0 in range(0, cols, SCH):
         idx = c0 + tl.arange(0, SCH)
         v, qid = _line(keys, sets, idx, idx < cols)
-        acc = queue_stats_merge(acc, queue_stats_parts(v, qid, NQ))
+        parts = queue_stats_parts(v, qid, NQ)
+        acc = queue_stats_merge(acc, parts)
+        at_lo += tl.where(v <= pick(qid, t_lo, NQ), parts[0], 0)       # parts[0]: the queue's field
+        at_hi += tl.where(v <= pick(qid, t_hi, NQ), parts[0], 0)
     n, vmin, vmax = queue_stats_reduce(acc, NQ)
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
         n, vmin, vmax, lo_count, hi_count)
+    searched = searching
+    lo, hi, c_lo, c_hi, tv, searching = seed_step(unpack_counts(tl.sum(at_lo, axis=0), NQ), t_lo, use_seed,
+                                                  lo, hi, c_lo, c_hi, tv, searching, lo_count, hi_count)
+    lo, hi, c_lo, c_hi, tv, searching = seed_step(unpack_counts(tl.sum(at_hi, axis=0), NQ), t_hi, use_seed,
+                                                  lo, hi, c_lo, c_hi, tv, searching, lo_count, hi_count)
     going = searching & (hi - lo > 1)
     steps = 0
     while any_true(going) & (steps < 70):
@@ -280,7 +303,7 @@ def _joint_search(keys, sets, cols, lo_count, hi_count, NQ: tl.constexpr, CHUNK:
             tlo, thi, tt, tgoing = joint_tie_step(c, mid, tlo, thi, tt, tgoing,
                                                   lo_count - c_lo, hi_count - c_lo)
         tv = tl.where(searching, value, tv)
-    return tv, tt
+    return tv, tt, searched
 
 
 @triton.jit
@@ -329,6 +352,11 @@ def select_stream_kernel(
     # the previous row's k-th score over its mean score, and how far off the last prediction
     # was (ordered key units): this program's seed for the next row's k-th search
     ratio, miss, have_ratio = seed_state()
+    # the same for the joint queue search: each queue's previous threshold key, the last miss,
+    # and whether the queue has one yet
+    q_seed = tl.zeros([NQ], dtype=tl.int64)
+    q_miss = tl.full([NQ], 65536, dtype=tl.int64)
+    q_have = tl.zeros([NQ], dtype=tl.int32)
     for row in range(pid, rows, nprog):
         row64 = (pid * 0 + row).to(tl.int64)     # (a tensor also under the interpreter)
         w_row = w_ptr + row64 * stride_w
@@ -401,7 +429,12 @@ def select_stream_kernel(
 
         # ---- SPEC §4/§5: per queue, a threshold keeping depth..CAP members, then compaction -
         if JOINT:
-            tvq, ttq = _joint_search(keys, sets, cols, depth, CAP, NQ, CHUNK)
+            tvq, ttq, searched = _joint_search(keys, sets, cols, depth, CAP, q_seed,
+                                               tl.maximum(2 * q_miss, 4096), q_have != 0, NQ, CHUNK)
+            # the next row's seeds: this row's thresholds (queues that needed a search)
+            q_miss = tl.where(searched & (q_have != 0), tl.abs(tvq.to(tl.int64) - q_seed), q_miss)
+            q_seed = tl.where(searched, tvq.to(tl.int64), q_seed)
+            q_have = tl.where(searched, 1, q_have)
             _compact_joint(keys, sets, lines, cols, tvq, ttq, NQ, CAP, CHUNK)
         else:
             for q in tl.static_range(NQ):
