@@ -1,14 +1,17 @@
-"""Selection passes per row of the streamed select kernel, counted under the Triton interpreter.
+"""Selection passes per row of the select kernels, counted under the Triton interpreter.
 
     python benchmarks/count_passes.py --shapes 48x4096 --patterns unstructured,2:4 --programs 3,12
+    python benchmarks/count_passes.py --select rows --patterns unstructured   # persistent row kernel
 
-The streamed kernel's time goes to passes over each row's key line, one per probe of its
-searches. This counts them on CPU (``TRITON_INTERPRET=1``, set here before Triton loads): per
-row, the joint queue search's probe passes and tie-split passes, by counting calls of the jit
-helpers that run once per pass (``joint_step``, ``joint_tie_step``). ``--programs P`` sets how
-many programs loop over the rows; a program's first row has no previous row to seed its
-searches from, so ``rows / P`` should match the GPU launch (4096 rows on an H100's 132 SMs x
-8 programs: ~4 rows per program). Every run is checked against the ``torch`` backend.
+The select kernels' time goes to chains of passes over each row (the streamed kernel re-reads
+its key line; the row kernel makes a block reduction), one per probe of their searches. This
+counts them on CPU (``TRITON_INTERPRET=1``, set here before Triton loads): per row, the joint
+queue search's probe passes and tie-split passes, by counting calls of the jit helpers that
+run once per pass (``joint_step``, ``joint_tie_step``). ``--programs P`` sets how many
+programs loop over the rows (``--select rows``: the persistent, seeded row kernel,
+``row_programs_per_sm``); a program's first row has no previous row to seed its searches
+from, so ``rows / P`` should match the GPU launch (4096 rows on an H100's 132 SMs x 8
+programs: ~4 rows per program). Every run is checked against the ``torch`` backend.
 """
 from __future__ import annotations
 
@@ -47,9 +50,10 @@ def counting_calls():
 
 
 def count_passes(rows: int, cols: int, pattern: str = "unstructured", programs: int = 3,
-                 chunk: int = 1024) -> dict:
-    """Passes per row of ``refine_triton(select="stream")`` on ``make_problem(rows, cols)``
-    (60% unstructured or N:M) with ``programs`` programs; raises if it differs from torch."""
+                 chunk: int = 1024, select: str = "stream") -> dict:
+    """Passes per row of ``refine_triton(select=select)`` on ``make_problem(rows, cols)``
+    (60% unstructured or N:M) with ``programs`` programs looping over the rows (``"rows"``:
+    the persistent row kernel, unstructured only); raises if it differs from torch."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("count_passes needs TRITON_INTERPRET=1 before triton is imported")
     from dsnot_kernels.ops import refine as launcher
@@ -60,13 +64,14 @@ def count_passes(rows: int, cols: int, pattern: str = "unstructured", programs: 
     launcher._stream_programs = lambda device, per_sm: programs
     try:
         with counting_calls() as calls:
-            out = launcher.refine_triton(problem, select="stream", chunk=chunk)
+            knobs = dict(chunk=chunk) if select == "stream" else dict(row_programs_per_sm=1)
+            out = launcher.refine_triton(problem, select=select, **knobs)
     finally:
         launcher._stream_programs = saved
     expected = dk.refine(weight, stats, cfg, backend="torch")
     if not (torch.equal(out.pruned_mask, expected.pruned_mask) and torch.equal(out.swaps, expected.swaps)):
         raise AssertionError(f"{rows}x{cols} {pattern}: the streamed kernel differs from the torch backend")
-    return {"shape": f"{rows}x{cols}", "pattern": pattern, "programs": programs,
+    return {"shape": f"{rows}x{cols}", "pattern": pattern, "select": select, "programs": programs,
             "queue_probe_passes": calls["joint_step"] / rows, "queue_tie_passes": calls["joint_tie_step"] / rows}
 
 
@@ -75,6 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="48x4096", help="comma-separated ROWSxCOLS (default 48x4096)")
     parser.add_argument("--patterns", default="unstructured,2:4")
     parser.add_argument("--programs", default="3,12", help="comma-separated program counts")
+    parser.add_argument("--select", default="stream", choices=("stream", "rows"))
     args = parser.parse_args(argv)
     for shape in args.shapes.split(","):
         try:
@@ -83,8 +89,8 @@ def main(argv=None) -> int:
             parser.error(f"--shapes entries must be ROWSxCOLS, got {shape!r}")
         for pattern in args.patterns.split(","):
             for programs in (int(p) for p in args.programs.split(",")):
-                r = count_passes(rows, cols, pattern, programs)
-                print(f"{r['shape']} {pattern:>12} programs={programs:3d} ({rows / programs:.1f} rows each): "
+                r = count_passes(rows, cols, pattern, programs, select=args.select)
+                print(f"{r['shape']} {args.select} {pattern:>12} programs={programs:3d} ({rows / programs:.1f} rows each): "
                       f"queue probe passes/row {r['queue_probe_passes']:.2f}, tie passes/row "
                       f"{r['queue_tie_passes']:.2f}", flush=True)
     return 0

@@ -124,9 +124,10 @@ def test_gpu_session_rejects_bad_steps(tmp_path, args, env, message):
 
 @pytest.mark.interpret
 def test_queue_search_seeds_cut_passes():
-    """``count_passes.py``: in the streamed kernel, a program's later rows start the joint
-    queue search from the previous row's thresholds and need far fewer probe passes than rows
-    that start cold (one program per row). Pass counts, not times: deterministic."""
+    """``count_passes.py``: in the streamed kernel and the persistent row kernel, a program's
+    later rows start the joint queue search from the previous row's thresholds and need far
+    fewer probe passes than rows that start cold (one program per row). Pass counts, not
+    times: deterministic."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("counts passes under the Triton interpreter (a CUDA machine runs the kernels)")
@@ -135,5 +136,8 @@ def test_queue_search_seeds_cut_passes():
     cold = count_passes.count_passes(12, 1024, "unstructured", programs=12)
     assert cold["queue_probe_passes"] >= 1.5, cold          # the search really searches
     assert seeded["queue_probe_passes"] <= 0.5 * cold["queue_probe_passes"], (seeded, cold)
+    rows_seeded = count_passes.count_passes(12, 256, "unstructured", programs=1, select="rows")
+    rows_cold = count_passes.count_passes(12, 256, "unstructured", programs=12, select="rows")
+    assert rows_seeded["queue_probe_passes"] <= 0.5 * rows_cold["queue_probe_passes"], (rows_seeded, rows_cold)
     with pytest.raises(SystemExit):
         count_passes.main(["--shapes", "12by64"])

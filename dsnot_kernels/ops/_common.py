@@ -397,14 +397,29 @@ def any_true(flags):
 
 
 @triton.jit
-def queue_thresholds(v, tie, qid, lo_count, hi_count, cols, NQ: tl.constexpr):
-    """Per-queue ``(tv, tt)`` (each ``[NQ]``) for a row held in registers: the
+def queue_thresholds(v, tie, qid, lo_count, hi_count, cols, seed, spread, use_seed,
+                     NQ: tl.constexpr, SEEDED: tl.constexpr):
+    """Per-queue ``(tv, tt, searched)`` (each ``[NQ]``) for a row held in registers: the
     :func:`threshold32` contract for every queue ``q`` (members: ``qid == q``), all searches
-    run in lockstep with one block reduction per probe for all queues."""
+    run in lockstep with one block reduction per probe for all queues; ``searched``: the
+    queue had more than ``hi_count`` members (``tv`` is then the next row's seed).
+
+    ``SEEDED``: one more reduction first counts every queue at its ``seed -+ spread``
+    (``[NQ]``, used where ``use_seed``: the program's previous row's thresholds), which
+    usually ends the search; a seed is only a probe, any seed gives the same thresholds."""
     field = queue_field(qid)
     n, vmin, vmax = queue_stats_reduce(queue_stats_parts(v, qid, NQ), NQ)
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
         n, vmin, vmax, lo_count, hi_count)
+    searched = searching
+    if SEEDED:
+        t_lo, t_hi = seed_probes(seed, spread)
+        at_lo, at_hi = tl.reduce((tl.where(v <= pick(qid, t_lo, NQ), field, 0),
+                                  tl.where(v <= pick(qid, t_hi, NQ), field, 0)), 0, _add2)
+        lo, hi, c_lo, c_hi, tv, searching = seed_step(unpack_counts(at_lo, NQ), t_lo, use_seed, lo, hi,
+                                                      c_lo, c_hi, tv, searching, lo_count, hi_count)
+        lo, hi, c_lo, c_hi, tv, searching = seed_step(unpack_counts(at_hi, NQ), t_hi, use_seed, lo, hi,
+                                                      c_lo, c_hi, tv, searching, lo_count, hi_count)
     going = searching & (hi - lo > 1)
     steps = 0
     while any_true(going) & (steps < 70):
@@ -425,4 +440,25 @@ def queue_thresholds(v, tie, qid, lo_count, hi_count, cols, NQ: tl.constexpr):
             tlo, thi, tt, tgoing = joint_tie_step(c, mid, tlo, thi, tt, tgoing,
                                                   lo_count - c_lo, hi_count - c_lo)
         tv = tl.where(searching, value, tv)
-    return tv, tt
+    return tv, tt, searched
+
+
+@triton.jit
+def _add2(a1, b1, a2, b2):
+    return a1 + a2, b1 + b2
+
+
+@triton.jit
+def queue_seed_state(NQ: tl.constexpr):
+    """Initial ``(seed, miss, have)`` (each ``[NQ]``) of a program's queue-threshold predictor:
+    each queue's previous threshold key, how far off the last seed was, whether it has one."""
+    return (tl.zeros([NQ], dtype=tl.int64), tl.full([NQ], 65536, dtype=tl.int64),
+            tl.zeros([NQ], dtype=tl.int32))
+
+
+@triton.jit
+def queue_seed_learn(tv, searched, seed, miss, have):
+    """The predictor after a row whose queue thresholds came out ``tv`` (queues that were
+    ``searched``); returns ``(seed, miss, have)``."""
+    miss = tl.where(searched & (have != 0), tl.abs(tv.to(tl.int64) - seed), miss)
+    return tl.where(searched, tv.to(tl.int64), seed), miss, tl.where(searched, 1, have)

@@ -46,7 +46,8 @@ import triton.language as tl
 
 from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, any_true, combine5, count_min_max,
                       init_score, joint_step, joint_tie_step, ordered32, pick, queue_field, queue_key,
-                      queue_stats_merge, queue_stats_parts, queue_stats_reduce, search_probe,
+                      queue_seed_learn, queue_seed_state, queue_stats_merge, queue_stats_parts, queue_stats_reduce,
+                      search_probe,
                       search_start, search_step, seed_learn, seed_predict, seed_probes, seed_state,
                       seed_step, seeded_search_start, store_queues, threshold32, tie_start, tie_step, unpack_counts)
 
@@ -354,9 +355,7 @@ def select_stream_kernel(
     ratio, miss, have_ratio = seed_state()
     # the same for the joint queue search: each queue's previous threshold key, the last miss,
     # and whether the queue has one yet
-    q_seed = tl.zeros([NQ], dtype=tl.int64)
-    q_miss = tl.full([NQ], 65536, dtype=tl.int64)
-    q_have = tl.zeros([NQ], dtype=tl.int32)
+    q_seed, q_miss, q_have = queue_seed_state(NQ)
     for row in range(pid, rows, nprog):
         row64 = (pid * 0 + row).to(tl.int64)     # (a tensor also under the interpreter)
         w_row = w_ptr + row64 * stride_w
@@ -432,9 +431,7 @@ def select_stream_kernel(
             tvq, ttq, searched = _joint_search(keys, sets, cols, depth, CAP, q_seed,
                                                tl.maximum(2 * q_miss, 4096), q_have != 0, NQ, CHUNK)
             # the next row's seeds: this row's thresholds (queues that needed a search)
-            q_miss = tl.where(searched & (q_have != 0), tl.abs(tvq.to(tl.int64) - q_seed), q_miss)
-            q_seed = tl.where(searched, tvq.to(tl.int64), q_seed)
-            q_have = tl.where(searched, 1, q_have)
+            q_seed, q_miss, q_have = queue_seed_learn(tvq, searched, q_seed, q_miss, q_have)
             _compact_joint(keys, sets, lines, cols, tvq, ttq, NQ, CAP, CHUNK)
         else:
             for q in tl.static_range(NQ):
