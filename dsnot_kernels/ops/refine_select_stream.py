@@ -46,10 +46,10 @@ import triton.language as tl
 
 from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, any_true, combine5, count_min_max,
                       init_score, joint_step, joint_tie_step, ordered32, pick, queue_field, queue_key,
-                      queue_seed_learn, queue_seed_state, queue_stats_merge, queue_stats_parts, queue_stats_reduce,
-                      search_probe,
-                      search_start, search_step, seed_learn, seed_predict, seed_probes, seed_state,
-                      seed_step, seeded_search_start, store_queues, threshold32, tie_start, tie_step, unpack_counts)
+                      queue_seed_learn, queue_seed_state, queue_stats_merge, queue_stats_parts,
+                      queue_stats_reduce, search_probe, search_start, search_step, seed_learn,
+                      seed_predict, seed_probes, seed_state, seed_step, seeded_search_start,
+                      store_queues, threshold32, tie_start, tie_step, unpack_counts)
 
 
 @triton.jit
