@@ -28,9 +28,6 @@ import torch  # noqa: E402
 import dsnot_kernels as dk  # noqa: E402
 from bench_refine import make_problem  # noqa: E402
 
-COUNTED = ("joint_step", "joint_tie_step")
-
-
 @contextlib.contextmanager
 def counting_calls():
     """Count calls of interpreted jit helpers by name while the block runs."""
@@ -70,7 +67,7 @@ def count_passes(rows: int, cols: int, pattern: str = "unstructured", programs: 
         launcher._stream_programs = saved
     expected = dk.refine(weight, stats, cfg, backend="torch")
     if not (torch.equal(out.pruned_mask, expected.pruned_mask) and torch.equal(out.swaps, expected.swaps)):
-        raise AssertionError(f"{rows}x{cols} {pattern}: the streamed kernel differs from the torch backend")
+        raise AssertionError(f"{rows}x{cols} {pattern}: the {select} kernel differs from the torch backend")
     return {"shape": f"{rows}x{cols}", "pattern": pattern, "select": select, "programs": programs,
             "queue_probe_passes": calls["joint_step"] / rows, "queue_tie_passes": calls["joint_tie_step"] / rows}
 

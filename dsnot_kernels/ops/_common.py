@@ -139,7 +139,7 @@ def kth32_seeded(v, tie, member, k, seed, spread, use_seed):
                                        tl.where(member, v, INT32_MIN), tl.where(member & (v <= t_lo), 1, 0),
                                        tl.where(member & (v <= t_hi), 1, 0)), 0, combine5)
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = seeded_search_start(
-        n, vmin, vmax, c1, c2, t_lo, t_hi, k, use_seed)
+        n, vmin, vmax, c1, c2, t_lo, t_hi, k, k, use_seed)
     return _search_registers(v, tie, member, lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt,
                              searching, target, bisect)
 
@@ -153,11 +153,12 @@ def seed_probes(seed, spread):
 
 
 @triton.jit
-def seeded_search_start(n, vmin, vmax, c1, c2, t_lo, t_hi, k, use_seed):
-    """:func:`search_start` for the ``k``-th key, then narrowed by the seed counts ``c1``, ``c2``
-    (members ``<= t_lo``, ``<= t_hi``) where they apply (:func:`seed_step`)."""
+def seeded_search_start(n, vmin, vmax, c1, c2, t_lo, t_hi, lo_count, hi_count, use_seed):
+    """:func:`search_start` (scalars, or ``[NQ]`` for the joint queue search), then narrowed by
+    the seed counts ``c1``, ``c2`` (members ``<= t_lo``, ``<= t_hi``) where they apply
+    (:func:`seed_step`)."""
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
-        n, vmin, vmax, k, k)
+        n, vmin, vmax, lo_count, hi_count)
     lo, hi, c_lo, c_hi, tv, searching = seed_step(c1, t_lo, use_seed, lo, hi, c_lo, c_hi, tv, searching,
                                                   lo_count, hi_count)
     lo, hi, c_lo, c_hi, tv, searching = seed_step(c2, t_hi, use_seed, lo, hi, c_lo, c_hi, tv, searching,
@@ -409,17 +410,16 @@ def queue_thresholds(v, tie, qid, lo_count, hi_count, cols, seed, spread, use_se
     usually ends the search; a seed is only a probe, any seed gives the same thresholds."""
     field = queue_field(qid)
     n, vmin, vmax = queue_stats_reduce(queue_stats_parts(v, qid, NQ), NQ)
-    lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
-        n, vmin, vmax, lo_count, hi_count)
-    searched = searching
     if SEEDED:
         t_lo, t_hi = seed_probes(seed, spread)
         at_lo, at_hi = tl.reduce((tl.where(v <= pick(qid, t_lo, NQ), field, 0),
                                   tl.where(v <= pick(qid, t_hi, NQ), field, 0)), 0, _add2)
-        lo, hi, c_lo, c_hi, tv, searching = seed_step(unpack_counts(at_lo, NQ), t_lo, use_seed, lo, hi,
-                                                      c_lo, c_hi, tv, searching, lo_count, hi_count)
-        lo, hi, c_lo, c_hi, tv, searching = seed_step(unpack_counts(at_hi, NQ), t_hi, use_seed, lo, hi,
-                                                      c_lo, c_hi, tv, searching, lo_count, hi_count)
+        lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = seeded_search_start(
+            n, vmin, vmax, unpack_counts(at_lo, NQ), unpack_counts(at_hi, NQ), t_lo, t_hi,
+            lo_count, hi_count, use_seed)
+    else:
+        lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
+            n, vmin, vmax, lo_count, hi_count)
     going = searching & (hi - lo > 1)
     steps = 0
     while any_true(going) & (steps < 70):
@@ -440,7 +440,7 @@ def queue_thresholds(v, tie, qid, lo_count, hi_count, cols, seed, spread, use_se
             tlo, thi, tt, tgoing = joint_tie_step(c, mid, tlo, thi, tt, tgoing,
                                                   lo_count - c_lo, hi_count - c_lo)
         tv = tl.where(searching, value, tv)
-    return tv, tt, searched
+    return tv, tt, n > hi_count
 
 
 @triton.jit

@@ -48,7 +48,7 @@ from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, any_true, comb
                       init_score, joint_step, joint_tie_step, ordered32, pick, queue_field, queue_key,
                       queue_seed_learn, queue_seed_state, queue_stats_merge, queue_stats_parts,
                       queue_stats_reduce, search_probe, search_start, search_step, seed_learn,
-                      seed_predict, seed_probes, seed_state, seed_step, seeded_search_start,
+                      seed_predict, seed_probes, seed_state, seeded_search_start,
                       store_queues, threshold32, tie_start, tie_step, unpack_counts)
 
 
@@ -190,7 +190,7 @@ def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexp
         s2_acc += tl.where(valid & (v <= t_hi), 1, 0)
     n, vmin, vmax, c1, c2 = tl.reduce((n_acc, lo_acc, hi_acc, s1_acc, s2_acc), 0, combine5)
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = seeded_search_start(
-        n, vmin, vmax, c1, c2, t_lo, t_hi, k, use_seed)
+        n, vmin, vmax, c1, c2, t_lo, t_hi, k, k, use_seed)
     lo, hi, c_lo, c_hi, tv, searching = _probe_line(keys, keys, cols, 0, lo, hi, c_lo, c_hi, tv, searching,
                                                     target, bisect, lo_count, hi_count, False, CHUNK, SMALL)
     if searching & (c_hi - c_lo <= SMALL):
@@ -267,13 +267,9 @@ def _joint_search(keys, sets, cols, lo_count, hi_count, seed, spread, use_seed,
         at_lo += tl.where(v <= pick(qid, t_lo, NQ), parts[0], 0)       # parts[0]: the queue's field
         at_hi += tl.where(v <= pick(qid, t_hi, NQ), parts[0], 0)
     n, vmin, vmax = queue_stats_reduce(acc, NQ)
-    lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
-        n, vmin, vmax, lo_count, hi_count)
-    searched = searching
-    lo, hi, c_lo, c_hi, tv, searching = seed_step(unpack_counts(tl.sum(at_lo, axis=0), NQ), t_lo, use_seed,
-                                                  lo, hi, c_lo, c_hi, tv, searching, lo_count, hi_count)
-    lo, hi, c_lo, c_hi, tv, searching = seed_step(unpack_counts(tl.sum(at_hi, axis=0), NQ), t_hi, use_seed,
-                                                  lo, hi, c_lo, c_hi, tv, searching, lo_count, hi_count)
+    lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = seeded_search_start(
+        n, vmin, vmax, unpack_counts(tl.sum(at_lo, axis=0), NQ), unpack_counts(tl.sum(at_hi, axis=0), NQ),
+        t_lo, t_hi, lo_count, hi_count, use_seed)
     going = searching & (hi - lo > 1)
     steps = 0
     while any_true(going) & (steps < 70):
@@ -304,7 +300,7 @@ def _joint_search(keys, sets, cols, lo_count, hi_count, seed, spread, use_seed,
             tlo, thi, tt, tgoing = joint_tie_step(c, mid, tlo, thi, tt, tgoing,
                                                   lo_count - c_lo, hi_count - c_lo)
         tv = tl.where(searching, value, tv)
-    return tv, tt, searched
+    return tv, tt, n > hi_count
 
 
 @triton.jit
