@@ -66,3 +66,15 @@ def print_summary(paths: list) -> None:
                   f"match={r['matches_reference']}")
         for r in summary.get("llama7b_set", []):
             print(f"  LLaMA-7B set {r['pattern']:>12} {r['backend']:<40} {r['seconds'] * 1e3:9.1f} ms")
+        for entry in summary.get("triton_tuned_launches", []):
+            print("  triton auto " + format_tuned(entry))
+
+
+def format_tuned(entry: dict) -> str:
+    """One line for a ``launch_tuning.tuned_launches()`` entry: the class, the winner, every
+    candidate's time (fastest first, ms) and what was dropped."""
+    times = ", ".join(f"{name} {sec * 1e3:.3f}" for name, sec in
+                      sorted(entry["seconds"].items(), key=lambda kv: kv[1]))
+    dropped = "".join(f"; dropped {name}: {why}" for name, why in entry["dropped"].items())
+    return (f"{entry['rows']}x{entry['cols']} {entry['pattern']} {entry['dtype']} -> "
+            f"{entry['launch']} ({times}){dropped}")

@@ -6,7 +6,9 @@ reference, which takes seconds, runs ``--reference-repeats`` times). Each backen
 and errors are checked against the reference's. Optionally the peak *extra* memory of one
 refine is measured in a fresh subprocess (CPU: peak RSS growth; CUDA: peak allocated growth),
 and on CUDA the whole LLaMA-7B set (32 layers x 7 sublayers, q/k/v and gate/up batched with
-``refine_many``) is timed. Results: a printed table, CSV (long format) and JSON under
+``refine_many``) is timed. On CUDA the triton backend's ``select="auto"`` times its candidate
+launches in its warm-up call (``dsnot_kernels/ops/launch_tuning.py``); what it chose, with each
+candidate's time, is printed and saved as ``triton_tuned_launches`` in the JSON. Results: a printed table, CSV (long format) and JSON under
 ``benchmarks/results/<machine>/``.
 
     python benchmarks/bench_refine.py --device cpu
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 import dsnot_kernels as dk
-from bench_common import machine_name, write_results_atomic  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from bench_common import format_tuned, machine_name, write_results_atomic  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]      # [out, in]
 SMOKE_SHAPES = [(64, 512)]
@@ -101,7 +103,8 @@ from bench_refine import make_problem
 out_f, in_f, device, backend, pattern, sparsity = {args!r}
 weight, stats = make_problem(out_f, in_f, device)
 cfg = dk.RefineConfig(sparsity=sparsity, pattern=pattern)
-dk.refine(weight[:8], stats, cfg, backend=backend)           # load kernels/extension first
+# load kernels/extension first (on CUDA the whole problem: triton's auto tunes its launch then)
+dk.refine(weight if device == "cuda" else weight[:8], stats, cfg, backend=backend)
 if device == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -185,6 +188,14 @@ def llama7b_set(device: str, backend: str, pattern: str, sparsity: float, repeat
             "weights": sum(w.numel() for ws, _ in groups for w in ws)}
 
 
+def triton_tuned_launches() -> list:
+    """What ``select="auto"`` of the triton backend chose in this run (empty without CUDA)."""
+    if "dsnot_kernels.ops" not in sys.modules:
+        return []
+    from dsnot_kernels.ops import launch_tuning
+    return launch_tuning.tuned_launches()
+
+
 # --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,10 +254,10 @@ def main(argv=None) -> int:
     def save(complete: bool = False) -> None:
         # after every measurement: a run stopped by a time limit keeps what it measured
         summary["complete"] = complete
+        summary["triton_tuned_launches"] = triton_tuned_launches()
         write_results_atomic(out_dir, stem, summary, rows)
 
     for pattern in patterns:
-        nm = pattern != "unstructured"
         names = args.backends.split(",") if args.backends else [
             n for n, ok in dk.available_backends(args.device, pattern).items() if ok is True]
         if "reference" not in names:
@@ -313,6 +324,10 @@ def main(argv=None) -> int:
                       f"backend={result['backend']}): {result['seconds'] * 1e3:.1f} ms", flush=True)
 
     save(complete=True)
+    if summary["triton_tuned_launches"]:
+        print("triton select launches tuned by select='auto' (each candidate's fastest run, ms):")
+        for entry in summary["triton_tuned_launches"]:
+            print("  " + format_tuned(entry))
     print(f"wrote {out_dir / (stem + '.json')} and .csv")
     return 0 if all(r["matches_reference"] for r in rows) else 1
 

@@ -100,6 +100,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("profile_refine.py profiles CUDA kernels: it needs a CUDA GPU (none found)")
     from dsnot_kernels.api import build_problem
+    from dsnot_kernels.ops import launch_tuning
     from dsnot_kernels.ops.refine import refine_triton
     if args.ncu:
         for shape in args.shapes.split(","):
@@ -128,6 +129,10 @@ def main() -> None:
             if args.backend == "triton":
                 t_tr = wall(lambda: refine_triton(problem))
                 print(f"   refine_triton {t_tr*1e3:.3f} ms", flush=True)
+                for entry in launch_tuning.tuned_launches():     # select="auto"'s timed choice
+                    if (entry["rows"], entry["cols"], entry["pattern"]) == (out_f, in_f, pattern):
+                        print(f"   auto launch: {entry['launch']} (of " + ", ".join(
+                            f"{k} {v * 1e3:.3f}" for k, v in entry["seconds"].items()) + " ms)")
             for name, us in kernel_times(lambda: dk.refine(weight, stats, cfg, backend=args.backend)).items():
                 print(f"   {us/1e3:8.3f} ms  {name}")
             if args.sweep and args.backend == "triton":

@@ -264,11 +264,21 @@ def _build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConf
     return problem, updated
 
 
+def _triton_tunes(problem: RefineProblem) -> bool:
+    """Whether the triton backend times its launches on this call (ops/launch_tuning.py): it
+    syncs with the host anyway then, and bad values must not take part in a tuning."""
+    from .ops.launch_tuning import needs_tuning
+    from .ops.refine import DEFAULT_CAP
+    return needs_tuning(problem, DEFAULT_CAP)
+
+
 def _run_checked(name: str, problem: RefineProblem, checks: _ValueChecks) -> RefineOutput:
     """Run backend ``name`` on ``problem`` and judge ``checks``: after queueing the kernels
     where the backend only queues GPU work whose loops are bounded whatever the values
-    (triton; ext on CUDA), so the GPU never waits for the host's verdict; before otherwise."""
-    if name == "triton" or (name == "ext" and problem.weight.device.type == "cuda"):
+    (triton, unless it tunes on this call; ext on CUDA), so the GPU never waits for the host's
+    verdict; before otherwise."""
+    if (name == "triton" and not _triton_tunes(problem)) or \
+            (name == "ext" and problem.weight.device.type == "cuda"):
         checks.send()        # the verdicts' copy is queued ahead of the kernels
         out = run_backend(name, problem)
         checks.judge()       # waits for that copy only (and work queued before it)

@@ -57,6 +57,25 @@ def test_print_summary_names_incomplete_and_missing_results(tmp_path, capsys):
     assert lines[3].startswith(str(tmp_path / "missing.json")) and "no results" in lines[3]
 
 
+def test_bench_refine_reports_tuned_launches(tmp_path, monkeypatch, capsys):
+    """What triton's select="auto" chose on a GPU is printed, saved and summarised (an entry
+    of launch_tuning.tuned_launches()'s form stands in for a GPU's)."""
+    entry = {"rows": 4096, "cols": 4096, "pattern": "unstructured", "dtype": "float16",
+             "launch": "select=stream,num_warps=1", "seconds": {"select=rows": 6e-4,
+                                                                "select=stream,num_warps=1": 4e-4},
+             "dropped": {"select=stream,queue_search=serial": "RuntimeError: out of resources"}}
+    monkeypatch.setattr(bench_refine, "triton_tuned_launches", lambda: [entry])
+    bench_refine.main(["--device", "cpu", "--shapes", "6x32", "--patterns", "2:4", "--backends", "torch",
+                       "--repeats", "1", "--memory", "none", "--out", str(tmp_path)])
+    line = ("4096x4096 unstructured float16 -> select=stream,num_warps=1 (select=stream,num_warps=1 "
+            "0.400, select=rows 0.600); dropped select=stream,queue_search=serial: RuntimeError: "
+            "out of resources")
+    assert "  " + line in capsys.readouterr().out.splitlines()
+    assert json.loads((tmp_path / "bench_refine.json").read_text())["triton_tuned_launches"] == [entry]
+    print_summary([tmp_path / "bench_refine.json"])
+    assert capsys.readouterr().out.splitlines()[-1] == "  triton auto " + line
+
+
 def test_bench_refine_keeps_rows_when_stopped(tmp_path, monkeypatch):
     """A run stopped after its per-shape rows (here: in the LLaMA-7B set, as a deadline's SIGINT
     would) has already written them, marked incomplete."""

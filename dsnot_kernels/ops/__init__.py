@@ -7,6 +7,7 @@
 | refine_cycles.py   | cycles_kernel   | all swap cycles (unstructured and N:M), rows as lanes     |
 | stats_kernel.py    | stats_kernel    | per-batch Σx, Σx², Σ_n M2_n of the activations (SPEC §1)   |
 | refine.py          | (host)          | :func:`refine_triton`: two launches per problem           |
+| launch_tuning.py   | (host)          | which select launch ``select="auto"`` takes on a GPU (timed) |
 """
 from .refine import refine_triton
 from .stats_kernel import batch_partial_sums

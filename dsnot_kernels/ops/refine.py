@@ -11,12 +11,14 @@ Nothing synchronises with the host between or inside the kernels.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 
 from ..problem import RefineOutput, RefineProblem
+from . import launch_tuning
 from .refine_cycles import cycles_kernel
 from .refine_select import select_kernel
 from .refine_select_stream import select_stream_kernel
@@ -134,9 +136,10 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     (tests lower it to exercise the threshold search). ``select`` picks kernel 1: ``"rows"``
     (:mod:`.refine_select`, one program per row, the row in registers), ``"stream"``
     (:mod:`.refine_select_stream`, ``programs_per_sm`` programs per SM looping over rows,
-    ``chunk`` columns at a time) or ``"auto"``: rows for unstructured rows of <= 4096 columns,
-    stream otherwise (the faster one on an H100 for each; benchmarks/profile_refine.py
-    --sweep). ``num_warps`` overrides the warps of kernel 1 and ``block_rows`` the rows per
+    ``chunk`` columns at a time) or ``"auto"``: on a GPU, with every other knob at its
+    default, the fastest of :data:`.launch_tuning.CANDIDATES` for the problem's class, timed
+    on its first call (:mod:`.launch_tuning`); else rows for unstructured rows of <= 4096
+    columns, stream otherwise (the faster one on an H100 for each). ``num_warps`` overrides the warps of kernel 1 and ``block_rows`` the rows per
     program of the cycles kernel (tuning knobs; ``None`` = the defaults). ``queue_search``:
     ``"joint"`` finds the thresholds of all candidate queues in lockstep (one counting pass or
     block reduction per probe for all queues; rows of at most 65535 columns), ``"serial"`` one
@@ -159,6 +162,12 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
         raise ValueError(f"queue_search must be 'auto', 'joint' or 'serial', got {queue_search!r}")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps}")
+    if select == "auto":
+        knobs = (num_warps, block_rows, programs_per_sm, chunk, queue_search, row_programs_per_sm)
+        if knobs == (None, None, 8, 1024, "auto", 0) and problem.weight.numel() > 0 \
+                and launch_tuning.enabled(problem.weight.device):
+            return launch_tuning.tuned_refine(problem, cap, functools.partial(refine_triton, problem, cap))
+        select = launch_tuning.default_launch(problem)["select"]
     w = problem.weight.contiguous()
     rows, cols = w.shape
     device = w.device
@@ -194,8 +203,6 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     iscore = problem.init_score.contiguous() if problem.init_score is not None else None
     imask = problem.initial_mask.contiguous() if problem.initial_mask is not None else None
     mask_u8 = mask.view(torch.uint8)
-    if select == "auto":
-        select = "stream" if nm or _pow2(cols) > 4096 else "rows"
     if select == "stream":
         nprog = min(rows, _stream_programs(device, programs_per_sm))
         warps = num_warps or 4
