@@ -38,6 +38,12 @@ def _weight_of(layer: LayerLike, name: str = "layer") -> torch.Tensor:
     weight = weight.detach()
     if weight.dim() != 2:
         raise ValueError(f"{name} weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if weight.shape[1] == 0:
+        raise ValueError(f"{name} weight must have at least one input column [out, in >= 1], "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.device.type == "meta":
+        raise ValueError(f"{name} weight is on the meta device, which holds no values: "
+                         f"load the weights first (a CPU or CUDA tensor)")
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"{name} weight must be float16, bfloat16 or float32, got {weight.dtype}")
     return weight.contiguous()
@@ -146,8 +152,10 @@ def _check_stats(stats: LayerStats, weight: torch.Tensor, owner: str = "the laye
         if value.device != weight.device:
             raise ValueError(f"stats.{field} is on {value.device} but {owner}'s weight is on {weight.device}; "
                              f"move them to one device (stats.to(device))")
-    try:   # any integer type (numpy, torch scalars) is fine
+    try:   # any integer type (numpy, torch scalars) is fine, a bool is not
         nsamples, ntokens = operator.index(stats.nsamples), operator.index(stats.ntokens)
+        if isinstance(stats.nsamples, bool) or isinstance(stats.ntokens, bool):
+            raise TypeError
     except TypeError:
         nsamples = ntokens = -1
     if nsamples <= 0 or ntokens < nsamples:
@@ -173,18 +181,20 @@ def _check_hessian(stats: LayerStats, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _check_initial_mask(mask: torch.Tensor, weight: torch.Tensor, cfg: RefineConfig,
-                        checks: _ValueChecks) -> torch.Tensor:
+                        checks: _ValueChecks, name: str = "initial_mask",
+                        owner: str = "the layer") -> torch.Tensor:
+    """``name``: the argument as the caller wrote it (``initial_masks[2]`` in refine_many)."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"initial_mask must be a bool tensor [out, in] (True = pruned), "
+        raise TypeError(f"{name} must be a bool tensor [out, in] (True = pruned), "
                         f"got {getattr(mask, 'dtype', type(mask).__name__)}")
     if mask.shape != weight.shape:
-        raise ValueError(f"initial_mask must have the layer's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+        raise ValueError(f"{name} must have {owner}'s shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
     if mask.device != weight.device:
-        raise ValueError(f"initial_mask is on {mask.device} but the layer weight is on {weight.device}")
+        raise ValueError(f"{name} is on {mask.device} but {owner}'s weight is on {weight.device}")
     n, m = cfg.nm
     if m:
         per_group = mask.reshape(mask.shape[0], -1, m).sum(-1)
-        checks.flag(f"initial_mask must prune exactly {n} of every {m} columns for pattern {cfg.pattern!r}",
+        checks.flag(f"{name} must prune exactly {n} of every {m} columns for pattern {cfg.pattern!r}",
                     (per_group != n).any())
     return mask.contiguous()
 
@@ -232,7 +242,8 @@ def _build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConf
     if m and in_features % m:
         raise ValueError(f"pattern {cfg.pattern!r}: M={m} must divide {owner}'s in_features={in_features}")
     if initial_mask is not None:
-        initial_mask = _check_initial_mask(initial_mask, weight, cfg, checks)
+        mask_name = "initial_mask" if name == "layer" else f"initial_masks{name[len('layers'):]}"
+        initial_mask = _check_initial_mask(initial_mask, weight, cfg, checks, mask_name, owner)
 
     if shared_from is None:
         s, sqrt_q, var_pow = column_factors(stats.sum_metric_row, stats.scaler_row, stats.var,

@@ -68,7 +68,12 @@ def unavailable_reason(name: str, device: Union[torch.device, str] = "cpu", nm: 
     """``None`` if backend ``name`` can refine tensors on ``device`` (N:M if ``nm``), else why not."""
     if name not in _REASONS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
-    return _REASONS[name](torch.device(device), nm)
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        return f"dsnot_kernels runs on CPU and CUDA tensors, not {device.type}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"CUDA is not available here (torch {torch.__version__})"
+    return _REASONS[name](device, nm)
 
 
 def available_backends(device: Union[torch.device, str] = "cpu",
@@ -81,10 +86,12 @@ def available_backends(device: Union[torch.device, str] = "cpu",
 def problem_reason(name: str, problem: RefineProblem) -> Optional[str]:
     """``None`` if backend ``name`` (available on the problem's device) can run ``problem``,
     else why not: the triton kernels' queue sort lives in shared memory, which bounds
-    ``max_cycle_time`` (far above the default 50)."""
+    ``max_cycle_time`` (far above the default 50); the extension counts cycles in 32 bits."""
     if name == "triton":
         from .ops.refine import limit_reason
         return limit_reason(problem.cycles, problem.cols, problem.is_nm, problem.weight.device)
+    if name == "ext" and problem.cycles > 2 ** 31 - 1:
+        return f"max_cycle_time={problem.cycles} is too large for the ext backend (at most 2^31 - 1)"
     return None
 
 

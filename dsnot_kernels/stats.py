@@ -10,6 +10,7 @@ in one pass over the activations.
 """
 from __future__ import annotations
 
+import operator
 import os
 from typing import Optional
 
@@ -33,8 +34,13 @@ class StatsAccumulator:
     """
 
     def __init__(self, in_features: int, hessian: bool = False, use_triton: Optional[bool] = None):
-        if not isinstance(in_features, int) or in_features <= 0:
+        try:        # any integer type (numpy, torch scalars), but not a bool
+            count = -1 if isinstance(in_features, bool) else operator.index(in_features)
+        except TypeError:
+            count = -1
+        if count <= 0:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        in_features = count
         self.in_features = in_features
         self.track_hessian = bool(hessian)
         self.use_triton = use_triton

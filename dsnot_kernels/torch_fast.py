@@ -78,7 +78,12 @@ def _group_rank(score: torch.Tensor, m: int) -> torch.Tensor:
     mine, other = x.unsqueeze(-1), x.unsqueeze(-2)           # [.., j, 1] vs [.., 1, i]
     earlier = torch.ones(m, m, dtype=torch.bool, device=score.device).tril(-1)   # i < j
     ahead = (other < mine) | ((other == mine) & earlier)
-    return ahead.sum(-1).to(torch.int8).view(rows, cols)
+    return ahead.sum(-1).to(_rank_dtype(m)).view(rows, cols)
+
+
+def _rank_dtype(m: int) -> torch.dtype:
+    """The smallest integer dtype that holds ranks/counts in ``[0, m]`` (int8 wraps at 128)."""
+    return torch.int8 if m <= 127 else torch.int16 if m <= 32767 else torch.int32
 
 
 def refine_torch(problem: RefineProblem) -> RefineOutput:
@@ -93,7 +98,7 @@ def refine_torch(problem: RefineProblem) -> RefineOutput:
     n_queues = 2 if problem.is_nm else 4
     queue_cols = torch.zeros(rows, n_queues, depth, dtype=torch.int64, device=device)
     queue_valid = torch.zeros(rows, n_queues, depth, dtype=torch.bool, device=device)
-    partner_rank = (torch.empty(rows, cols, dtype=torch.int8, device=device)
+    partner_rank = (torch.empty(rows, cols, dtype=_rank_dtype(problem.prune_m), device=device)
                     if problem.is_nm else None)
 
     step = max(1, CHUNK_ELEMENTS.get(device.type, 1 << 19) // max(cols, 1))
@@ -155,7 +160,7 @@ def _run_cycles(problem: RefineProblem, mask, e, swaps, queue_cols, queue_valid,
     active = torch.ones(rows, dtype=torch.bool, device=device)
     if problem.is_nm:
         m, kept_per_group = problem.prune_m, problem.prune_m - problem.prune_n
-        used = torch.zeros(rows, cols // m, dtype=torch.int8, device=device)
+        used = torch.zeros(rows, cols // m, dtype=_rank_dtype(m), device=device)
         in_group = torch.arange(m, device=device)
 
     for cycle in range(problem.cycles):

@@ -129,7 +129,9 @@ class RefineConfig:
         return int(math.floor(in_features * self.sparsity + 1e-9))
 
     def cycles_for(self, in_features: int) -> int:
-        """The cycle budget ``T`` used for rows of this width."""
+        """The cycle budget ``T`` used for rows of this width: ``max_cycle_time``, capped by
+        ``cycle_fraction`` of :meth:`pruned_per_row` (from ``sparsity``/the pattern, also when
+        an ``initial_mask`` is given: one budget for all rows)."""
         if self.cycle_fraction is None:
             return int(self.max_cycle_time)
         budget = int(math.floor(self.cycle_fraction * self.pruned_per_row(in_features)))

@@ -118,6 +118,9 @@ BAD_INPUTS = {
     "stats-dict": (lambda w, s: (w, s.__dict__, None, None), TypeError, "stats"),
     "cfg-dict": (lambda w, s: (w, s, {"sparsity": 0.5}, None), TypeError, "cfg"),
     "nsamples-zero": (lambda w, s: (w, _with(s, nsamples=0), None, None), ValueError, "nsamples"),
+    "nsamples-bool": (lambda w, s: (w, _with(s, nsamples=True), None, None), ValueError, "nsamples"),
+    "weight-no-columns": (lambda w, s: (w[:, :0], s, None, None), ValueError, "at least one input column"),
+    "weight-meta": (lambda w, s: (w.to("meta"), s, None, None), ValueError, "meta device"),
     "init-unknown": (lambda w, s: (w, s, _changed_cfg(init="random"), None), ValueError, "init"),
 }
 
@@ -360,6 +363,47 @@ def test_refine_many_with_masks_and_mismatches():
     with pytest.raises(ValueError, match=r"M=4 must divide layers\[0\]'s in_features=6"):
         dk.refine_many([torch.zeros(2, 6), torch.zeros(2, 6)], dk.LayerStats(*(torch.ones(6),) * 3),
                        dk.RefineConfig(pattern="2:4"), backend="torch")
+
+
+def test_refine_many_names_the_mask_of_the_layer():
+    w1, stats = make_layer(4, 32, torch.float32, seed=1)
+    w2, _ = make_layer(6, 32, torch.float32, seed=2)
+    m4 = torch.zeros(4, 32, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"initial_masks\[1\] must have layers\[1\]'s shape \(6, 32\), got \(4, 32\)"):
+        dk.refine_many([w1, w2], stats, backend="torch", initial_masks=[m4, m4])
+    with pytest.raises(TypeError, match=r"initial_masks\[1\] must be a bool tensor"):
+        dk.refine_many([w1, w2], stats, backend="torch", initial_masks=[m4, torch.zeros(6, 32)])
+    with pytest.raises(ValueError, match=r"initial_masks\[0\] must prune exactly 2 of every 4"):
+        dk.refine_many([w1, w2], stats, dk.RefineConfig(pattern="2:4"), backend="torch",
+                       initial_masks=[m4, None])
+
+
+def test_cycle_budget_beyond_the_extension_falls_back():
+    """max_cycle_time >= 2^31 (the extension counts in 32 bits): auto takes torch, an explicit
+    ext names the field; reference and torch stop early anyway (queues run out)."""
+    w, stats = make_layer(3, 32, torch.float32, seed=4)
+    cfg = dk.RefineConfig(sparsity=0.5, max_cycle_time=2 ** 31)
+    res = dk.refine(w, stats, cfg)
+    assert res.backend in ("torch", "reference")
+    assert_same_result(res, dk.refine(w, stats, cfg, backend="reference"))
+    if dk.available_backends("cpu", "unstructured")["ext"] is True:
+        with pytest.raises(RuntimeError, match=r"max_cycle_time=2147483648 is too large for the ext backend"):
+            dk.refine(w, stats, cfg, backend="ext")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_no_backend_claims_cuda_without_cuda():
+    for name, reason in dk.available_backends("cuda", "2:4").items():
+        assert isinstance(reason, str) and "CUDA is not available" in reason, (name, reason)
+    assert "not mps" in dk.available_backends("mps")["torch"]
+
+
+def test_stats_accumulator_in_features_types():
+    import numpy as np
+    assert dk.StatsAccumulator(np.int64(8)).in_features == 8
+    for bad in (True, 0, -3, 8.0, "8"):
+        with pytest.raises(ValueError, match="in_features must be a positive int"):
+            dk.StatsAccumulator(bad)
 
 
 # ---- backends ----------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,6 +231,14 @@ def test_pipeline_prunes_saves_and_reloads(kind, pattern, init, dtype, text_file
                                rtol=0, atol=0)
     _check_sparsity(reloaded, pattern, sparsity)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    # the model keeps its own use_cache (the run turns it off only while it works), and so does
+    # the saved config; the saved directory and report have the modes plain writes get
+    assert model.config.use_cache is True and reloaded.config.use_cache is True
+    assert json.loads((out / "dsnot_report.json").read_text())["saved_to"] == str(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777, (tmp_path / "report.json").stat().st_mode & 0o777) == \
+        (0o777 & ~umask, 0o666 & ~umask)
 
 
 def test_dsnot_swaps_and_lowers_error(text_file, tokenizer):
@@ -385,6 +396,81 @@ def test_bad_options(argv, match, capsys, tmp_path, text_file, tokenizer, monkey
         tokenizer.save_pretrained(str(src))
         argv = argv + ["--model", str(src)]
     _fails(argv, capsys, match)
+
+
+def _tiny_dir(tmp_path, tokenizer):
+    src = tmp_path / "tiny"
+    make_model("llama").save_pretrained(str(src))
+    tokenizer.save_pretrained(str(src))
+    return src
+
+
+@pytest.mark.parametrize("case", ["report-inside-save", "report-is-a-directory", "save-unwritable",
+                                  "report-unwritable", "report-under-a-file"])
+def test_output_paths_are_checked_before_any_work(case, capsys, tmp_path, text_file):
+    """Where --save/--report cannot be written is found before the model loads, not after the
+    run (the model named here would take a minute to prune)."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-dir").mkdir()
+    save, report, match = {
+        "report-inside-save": (tmp_path / "out", tmp_path / "out" / "sub" / "r.json", "lies inside --save"),
+        "report-is-a-directory": (None, tmp_path / "a-dir", "is a directory"),
+        "save-unwritable": (Path("/proc/dsnot-out"), None, "cannot write to '/proc'"),
+        "report-unwritable": (None, Path("/proc/sub/r.json"), "cannot write to '/proc'"),
+        "report-under-a-file": (None, tmp_path / "a-file" / "r.json", "is a file, not a directory"),
+    }[case]
+    argv = ["--model", "smollm2", "--calib-text", text_file, "--eval-text", text_file]
+    argv += ["--save", str(save)] if save else []
+    argv += ["--report", str(report)] if report else []
+    _fails(argv, capsys, match)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file"]
+    assert list((tmp_path / "a-dir").iterdir()) == []
+
+
+def test_skip_name_that_matches_no_sublayer(capsys, tmp_path, text_file, tokenizer):
+    src = _tiny_dir(tmp_path, tokenizer)
+    err = _fails(["--model", str(src), "--skip", "mlp,o_porj", "--calib-text", text_file, "--eval-text",
+                  text_file, "--save", str(tmp_path / "out")], capsys, "--skip 'o_porj' matches no sublayer")
+    assert "self_attn.o_proj" in err and not (tmp_path / "out").exists()
+
+
+def test_device_must_be_cpu_or_cuda(capsys, text_file):
+    # (not _fails: it appends --device cpu)
+    rc = cli.main(["--model", "smollm2", "--calib-text", text_file, "--device", "mps", "--quiet"])
+    assert rc == 2 and "--device must be cpu, cuda or cuda:N, got 'mps'" in capsys.readouterr().err
+
+
+def test_evaluation_text_too_short_fails_before_pruning(capsys, tmp_path, text_file, tokenizer):
+    src = _tiny_dir(tmp_path, tokenizer)
+    short = tmp_path / "short.txt"
+    short.write_text("The model said.")
+    _fails(["--model", str(src), "--calib-text", text_file, "--eval-text", str(short), "--seqlen", "32",
+            "--save", str(tmp_path / "out"), "--report", str(tmp_path / "r.json")], capsys, "not one window")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt", "tiny"]
+
+
+def test_one_text_file_however_spelled_is_split_in_halves(text_file, monkeypatch):
+    from dsnot_prune import data
+    monkeypatch.chdir(Path(text_file).parent)
+    for spelling in ("corpus.txt", "./corpus.txt", f"../{Path(text_file).parent.name}/corpus.txt"):
+        plan = data.plan_text("news", text_file, spelling)
+        assert plan.calib == plan.eval == f"file:{text_file}", spelling
+
+
+def test_progress_bars_and_quiet(text_file, tokenizer, tmp_path, capsys):
+    """Progress bars for pruning and evaluation; --quiet silences them and transformers' own
+    (saving), and leaves transformers' setting as it was."""
+    from transformers.utils import logging as tf_logging
+    run(_args(text_file, progress=True, quiet=False, eval_windows=2), model=make_model("llama"),
+        tokenizer=tokenizer)
+    err = capsys.readouterr().err
+    assert "pruning" in err and "evaluation" in err
+    assert tf_logging.is_progress_bar_enabled()
+    run(_args(text_file, quiet=True, eval_windows=2, save=str(tmp_path / "out")), model=make_model("llama"),
+        tokenizer=tokenizer)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+    assert tf_logging.is_progress_bar_enabled()
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,13 +25,37 @@ SETTINGS = dict(model="smollm2", sparsity=0.5, nsamples=8, seqlen=128, eval_wind
 
 
 @pytest.fixture(scope="module")
-def reports():
+def saved_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("smollm2") / "pruned"
+
+
+@pytest.fixture(scope="module")
+def reports(saved_dir):
     return {
         "magnitude": run(PruneArgs(**SETTINGS, init="magnitude", refine=False, eval_dense=True)),
         "wanda": run(PruneArgs(**SETTINGS, init="wanda", refine=False)),
         "wanda+dsnot": run(PruneArgs(**SETTINGS, init="wanda", refine=True, preset="original")),
-        "wanda+robust": run(PruneArgs(**SETTINGS, init="wanda", refine=True)),     # the default preset
+        "wanda+robust": run(PruneArgs(**SETTINGS, init="wanda", refine=True,      # the default preset
+                                      save=str(saved_dir))),
     }
+
+
+def test_saved_model_reloads_as_a_plain_model(reports, saved_dir):
+    """The packaged model comes from a GGUF file; its pruned copy must save (transformers
+    refuses to save a GGUF-"quantized" model) and reload without any GGUF trace, with the
+    pruned weights and the model's own use_cache."""
+    import json
+
+    import torch
+    import transformers
+    config = json.loads((saved_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["use_cache"] is True
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(saved_dir), dtype=torch.float32)
+    zeros = [float((lin.weight == 0).float().mean()) for name, lin in model.named_modules()
+             if isinstance(lin, torch.nn.Linear) and ".layers." in name]
+    assert len(zeros) == 30 * 7 and min(zeros) >= 0.5
+    on_disk = json.loads((saved_dir / "dsnot_report.json").read_text())
+    assert on_disk["saved_to"] == str(saved_dir) and on_disk["ppl"] == reports["wanda+robust"]["ppl"]
 
 
 def test_wanda_far_below_magnitude(reports):

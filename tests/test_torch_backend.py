@@ -115,6 +115,18 @@ def test_parity_given_initial_mask(pattern, dtype):
         assert torch.equal(res.pruned_mask.sum(1), mask.sum(1))
 
 
+@pytest.mark.parametrize("pattern, cols", [("1:256", 256), ("2:200", 400), ("100:200", 200),
+                                           ("64:129", 258), ("127:128", 256)])
+def test_parity_wide_groups(pattern, cols):
+    """Groups wider than 127 (ranks and per-group counts do not fit int8)."""
+    weight, stats = make_layer(6, cols, torch.float32, seed=5)
+    cfg = dk.RefineConfig(pattern=pattern, max_cycle_time=20, update_threshold=0.01)
+    res = _run(weight, stats, cfg, f"{pattern}-I{cols}")
+    n, m = cfg.nm
+    assert bool((res.pruned_mask.view(6, -1, m).sum(-1) == n).all())
+    assert res.swaps.float().mean() > 0
+
+
 # ---- ties ----------------------------------------------------------------------------------
 def tie_layer(rows: int, cols: int, dtype: torch.dtype, seed: int):
     """Weights on a coarse grid (many equal |W|, some zeros) and column statistics taking

@@ -29,12 +29,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     d = PruneArgs()
-    p = argparse.ArgumentParser(prog="dsnot-prune", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="dsnot-prune", description=__doc__.split("\n\n")[0].replace("``", ""),
                                 formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model,
                    help="'smollm2' (the packaged SmolLM2-135M-Instruct), a local Hugging Face directory, or a hub id")
-    g.add_argument("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"),
+    g.add_argument("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"),
                    help="weights/activations dtype; auto = float32 on CPU, on CUDA the checkpoint's "
                         "float16/bfloat16 (float16 for a float32 checkpoint)")
     g.add_argument("--device", default=d.device, help="compute device (default: cuda if available, else cpu); "
@@ -82,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean), for the initial and the final mask")
 
     g = p.add_argument_group("output")
-    g.add_argument("--report", default=None, help="write the JSON report here")
-    g.add_argument("--save", default=None, help="save the pruned model (safetensors) + report to this new directory")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--report", default=None, help="write the JSON report to this file (not inside --save)")
+    g.add_argument("--save", default=None, help="save the pruned model (safetensors, in the run's --dtype) + "
+                   "tokenizer + report to this new or empty directory")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("--quiet", action="store_true", help="print only the summary")
     return p
 

@@ -19,6 +19,7 @@ wheel (real, cased English; no package ships WikiText-2 or C4). It is fetched wi
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import random
 import subprocess
@@ -152,16 +153,32 @@ class TextPlan:
 def plan_text(dataset: str, calib_text: Optional[str], eval_text: Optional[str]) -> TextPlan:
     if dataset not in DATASETS:
         raise DriverError(f"--dataset must be one of {DATASETS}, got {dataset!r}")
+    if calib_text and eval_text and _same_file(calib_text, eval_text):
+        eval_text = calib_text       # one file however spelled: split in halves (_source_texts)
     calib = f"file:{calib_text}" if calib_text else dataset
     evals = f"file:{eval_text}" if eval_text else dataset
     return TextPlan(calib, evals)
 
 
-def check_text_files(plan: TextPlan) -> None:
-    """Fail early (before loading a model) on an unreadable --calib-text/--eval-text."""
-    for spec, what in ((plan.calib, "--calib-text"), (plan.eval, "--eval-text")):
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:                  # a missing file: check_text_files names it
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_text_files(plan: TextPlan, evaluate: bool = True) -> None:
+    """Fail early (before loading a model) on an unreadable --calib-text/--eval-text, or on
+    --dataset wikitext2/c4 without the ``datasets`` package (the evaluation text only if
+    ``evaluate``)."""
+    specs = [(plan.calib, "--calib-text")] + ([(plan.eval, "--eval-text")] if evaluate else [])
+    for spec, what in specs:
         if spec.startswith("file:"):
             read_text_file(spec[5:], what)
+        elif spec in ("wikitext2", "c4") and importlib.util.find_spec("datasets") is None:
+            raise DriverError(f"--dataset {spec} needs the 'datasets' package (pip install datasets) and "
+                              f"access to the Hugging Face hub or its local cache; the default --dataset "
+                              f"news needs neither")
 
 
 # --------------------------------------------------------------------------------------------

@@ -176,11 +176,12 @@ def head_logits_nll(model: nn.Module, layers: nn.ModuleList, batches: Sequence[t
 
 @torch.no_grad()
 def perplexity(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int,
-               device: torch.device) -> Dict[str, float]:
-    """WikiText-2 protocol: ``exp(mean over windows of the window's mean token NLL)``."""
+               device: torch.device, progress: Optional[Callable[[Any], Any]] = None) -> Dict[str, float]:
+    """WikiText-2 protocol: ``exp(mean over windows of the window's mean token NLL)``;
+    ``progress`` wraps the iteration over the layers (e.g. a tqdm bar)."""
     batches = list(torch.split(windows, batch_size))
     cap = capture(model, layers, batches, device)
-    propagate(layers, cap, device)
+    propagate(layers, cap, device, progress)
     nlls = head_logits_nll(model, layers, batches, cap, device)
     mean = sum(nlls) / len(nlls)
     return {"ppl": float(torch.tensor(mean, dtype=torch.float64).exp()), "mean_nll": mean,

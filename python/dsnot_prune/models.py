@@ -95,7 +95,7 @@ def _cached_smollm2(log) -> Path:
     log(f"converting {SMOLLM2_GGUF} to safetensors under {target} (once)")
     tok = tf.AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
     model = tf.AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    model.hf_quantizer = None   # else save_pretrained refuses a "quantized" (GGUF-loaded) model
+    drop_gguf_quantizer(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -109,6 +109,18 @@ def _cached_smollm2(log) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def drop_gguf_quantizer(model: nn.Module) -> None:
+    """Forget that ``model`` came from a GGUF file: its weights are already dequantized floats,
+    but transformers keeps a GGUF "quantizer" (and ``quantization_config`` in the config, so
+    also in every copy saved from it) and then refuses ``save_pretrained``."""
+    config = getattr(model, "config", None)
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if quant is not None and str(getattr(method, "value", method)).lower() == "gguf":
+        delattr(config, "quantization_config")
+        model.hf_quantizer = None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -155,7 +167,8 @@ def _load_from_hub(tf, name: str, dtype):
 
 
 def load_model(name: str, dtype, log=print):
-    """Load ``(model, tokenizer, source)`` on the CPU, in eval mode, KV cache off.
+    """Load ``(model, tokenizer, source)`` on the CPU, in eval mode (its config untouched: the
+    driver's forward passes turn the KV cache off themselves).
 
     ``name``: ``smollm2`` (the packaged SmolLM2-135M-Instruct), a local Hugging Face directory,
     or a hub id (needs network or the local hub cache). ``dtype``: a torch dtype or
@@ -183,7 +196,7 @@ def load_model(name: str, dtype, log=print):
         except (OSError, ValueError, KeyError) as exc:
             raise DriverError(f"--model {name!r}: cannot load a causal LM from {path}: {exc}") from exc
     model.eval()
-    model.config.use_cache = False
+    drop_gguf_quantizer(model)      # a cache converted by an older version still names GGUF
     tok.model_max_length = int(1e12)   # we window the text ourselves; silence the length warning
     return model, tok, source
 

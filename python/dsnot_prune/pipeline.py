@@ -21,6 +21,7 @@ Only the public ``dsnot_kernels`` API is used.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -115,6 +116,8 @@ class PruneArgs:
 # checks done before any work
 # --------------------------------------------------------------------------------------------
 def check_save_dir(path: Optional[str]) -> None:
+    """``--save``: a new or empty directory in a directory this process can write to (probed by
+    making and removing a temporary directory there, so the run cannot fail at its end)."""
     if path is None:
         return
     p = Path(path)
@@ -123,6 +126,35 @@ def check_save_dir(path: Optional[str]) -> None:
     parent = p.absolute().parent
     if not parent.is_dir():
         raise DriverError(f"--save {path!r}: parent directory {str(parent)!r} does not exist")
+    _probe_writable(parent, f"--save {path!r}")
+
+
+def check_report_path(path: Optional[str], save: Optional[str]) -> None:
+    """``--report``: a file path (not a directory) whose directory exists or can be made, in a
+    writable place, and not inside ``--save`` (which gets its own ``dsnot_report.json``)."""
+    if path is None:
+        return
+    target = Path(path).absolute()
+    if target.is_dir():
+        raise DriverError(f"--report {path!r} is a directory: give a file path, e.g. {path.rstrip('/')}/report.json")
+    if save is not None:
+        saved = Path(save).absolute()
+        if saved == target or saved in target.parents:
+            raise DriverError(f"--report {path!r} lies inside --save {save!r}, which must be a new directory "
+                              f"(the saved model gets its own dsnot_report.json there): put the report elsewhere")
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DriverError(f"--report {path!r}: {str(existing)!r} is a file, not a directory")
+    _probe_writable(existing, f"--report {path!r}")
+
+
+def _probe_writable(directory: Path, what: str) -> None:
+    try:
+        tempfile.TemporaryDirectory(prefix=".dsnot-probe-", dir=directory).cleanup()
+    except OSError as exc:
+        raise DriverError(f"{what}: cannot write to {str(directory)!r} ({exc.strerror or exc})") from exc
 
 
 def check_pattern(layers: nn.ModuleList, layers_name: str, cfg: dk.RefineConfig) -> None:
@@ -135,6 +167,16 @@ def check_pattern(layers: nn.ModuleList, layers_name: str, cfg: dk.RefineConfig)
             if lin.in_features % m:
                 raise DriverError(f"--pattern {cfg.pattern}: M={m} does not divide in_features={lin.in_features} "
                                   f"of {layers_name}.{i}.{name}; choose an M that divides every layer's width")
+
+
+
+def check_skip(layers: nn.ModuleList, layers_name: str, skip: List[str]) -> None:
+    """Every ``--skip`` name part must match a sublayer: a typo would refine what it meant to skip."""
+    names = sorted({name for layer in layers for name in find_linears(layer)})
+    for token in skip:
+        if token not in ("mlp", "attn") and not any(token in name for name in names):
+            raise DriverError(f"--skip {token!r} matches no sublayer of {layers_name}: its sublayers are "
+                              f"{', '.join(names)} (or use mlp, attn, none)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,8 +373,13 @@ def resolve_device(name: Optional[str]) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise DriverError(f"--device {name!r} is not a torch device ({exc})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DriverError(f"--device {name}: CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise DriverError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DriverError(f"--device {name}: CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DriverError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -389,17 +436,24 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     }
 
 
-def _eval(model, args: PruneArgs, plan, tokenizer, device, log) -> Dict[str, float]:
+def _eval(model, args: PruneArgs, windows: torch.Tensor, device, desc: str) -> Dict[str, float]:
     _, layers = find_decoder_layers(model)
-    windows = data_mod.evaluation_windows(plan, tokenizer, args.seqlen, args.eval_windows, log)
-    return perplexity(model, layers, windows, args.batch_size, device)
+    return perplexity(model, layers, windows, args.batch_size, device, progress=_progress(args, desc))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
+    """``obj`` as JSON at ``path``, via a temporary file renamed into place (mode as ``open``'s)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, part = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())         # mkstemp makes 0600
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2)
             fh.write("\n")
@@ -410,17 +464,15 @@ def _write_json_atomic(path: str, obj: Any) -> None:
         raise
 
 
-def save_model(model: nn.Module, tokenizer, report: Dict[str, Any], path: str, use_cache) -> None:
-    """safetensors model + tokenizer + report.json, atomically: a temp dir renamed into place."""
+def save_model(model: nn.Module, tokenizer, report: Dict[str, Any], path: str) -> None:
+    """safetensors model + tokenizer + report.json, atomically: a temp dir renamed into place.
+    The weights are saved in the dtype the run used (``report["dtype"]``)."""
     check_save_dir(path)
     target = Path(path).absolute()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.config.use_cache = use_cache      # restore what the user's model had
-        try:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        finally:
-            model.config.use_cache = False
+        os.chmod(tmp, 0o777 & ~_umask())          # mkdtemp makes 0700
+        model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         with open(tmp / "dsnot_report.json", "w") as fh:
@@ -439,6 +491,27 @@ def run(args: PruneArgs, model: Optional[nn.Module] = None, tokenizer=None) -> D
     ``model``/``tokenizer`` may be passed in (already loaded, on the CPU); ``args.model`` then
     only names them in the report.
     """
+    with _transformers_progress_bars(args.progress and not args.quiet):
+        return _run(args, model, tokenizer)
+
+
+@contextlib.contextmanager
+def _transformers_progress_bars(enabled: bool):
+    """transformers' own bars (loading, saving) on or off for the run, then as they were."""
+    try:
+        from transformers.utils import logging as tf_logging
+    except ImportError:          # pragma: no cover - load_model names the missing package
+        yield
+        return
+    was = tf_logging.is_progress_bar_enabled()
+    (tf_logging.enable_progress_bar if enabled else tf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (tf_logging.enable_progress_bar if was else tf_logging.disable_progress_bar)()
+
+
+def _run(args: PruneArgs, model: Optional[nn.Module], tokenizer) -> Dict[str, Any]:
     log = _log(args)
     total = timed()
     timings = {name: 0.0 for name in STAGES}
@@ -448,8 +521,9 @@ def run(args: PruneArgs, model: Optional[nn.Module] = None, tokenizer=None) -> D
     dtype = resolve_dtype(args.dtype, device)
     _check_backend(args.backend, device, args.pattern)
     check_save_dir(args.save)
+    check_report_path(args.report, args.save)
     plan = data_mod.plan_text(args.dataset, args.calib_text, args.eval_text)
-    data_mod.check_text_files(plan)
+    data_mod.check_text_files(plan, evaluate=args.eval)
     if args.batch_size <= 0:
         raise DriverError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.nsamples < 1 or args.seqlen < 2:
@@ -469,43 +543,50 @@ def run(args: PruneArgs, model: Optional[nn.Module] = None, tokenizer=None) -> D
     use_cache = getattr(model.config, "use_cache", True)
     model.config.use_cache = False
     timings["load"] = clock()
-    layers_name, layers = find_decoder_layers(model)
-    check_pattern(layers, layers_name, cfg)
-    max_len = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(max_len, int) and args.seqlen > max_len:
-        raise DriverError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings={max_len}")
-    if args.report:
-        Path(args.report).absolute().parent.mkdir(parents=True, exist_ok=True)
-
-    report: Dict[str, Any] = {
-        "model": args.model, "model_source": source, "model_class": type(model).__name__,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(device),
-        "config": {**{k: v for k, v in dataclasses.asdict(cfg).items()},
-                   "sign_check_resolved": cfg.resolved_sign_check(), "preset": args.preset_name(),
-                   "skip": skip, "refine": args.refine and cfg.max_cycle_time > 0},
-        "data": {**plan.describe(), "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-                 "eval_windows": args.eval_windows, "batch_size": args.batch_size},
-    }
     try:
+        layers_name, layers = find_decoder_layers(model)
+        check_pattern(layers, layers_name, cfg)
+        check_skip(layers, layers_name, skip)
+        max_len = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(max_len, int) and args.seqlen > max_len:
+            raise DriverError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings={max_len}")
+        # both texts become tokens now, so that one too short fails before any pruning
+        clock = timed()
+        samples = data_mod.calibration_tokens(plan, tokenizer, args.nsamples, args.seqlen, args.seed, log)
+        timings["calibration"] += clock()
+        windows = None
+        if args.eval:
+            clock = timed()
+            windows = data_mod.evaluation_windows(plan, tokenizer, args.seqlen, args.eval_windows, log)
+            timings["evaluation"] += clock()
+        if args.report:
+            Path(args.report).absolute().parent.mkdir(parents=True, exist_ok=True)
+
+        report: Dict[str, Any] = {
+            "model": args.model, "model_source": source, "model_class": type(model).__name__,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(device),
+            "config": {**{k: v for k, v in dataclasses.asdict(cfg).items()},
+                       "sign_check_resolved": cfg.resolved_sign_check(), "preset": args.preset_name(),
+                       "skip": skip, "refine": args.refine and cfg.max_cycle_time > 0},
+            "data": {**plan.describe(), "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                     "eval_windows": args.eval_windows, "batch_size": args.batch_size},
+        }
         if args.eval and args.eval_dense:
             clock = timed()
-            dense = _eval(model, args, plan, tokenizer, device, log)
+            dense = _eval(model, args, windows, device, "evaluation (dense)")
             timings["evaluation_dense"] = clock()
             report["ppl_dense"] = dense["ppl"]
             report["eval"] = {k: dense[k] for k in ("windows", "seqlen")}
             log(f"dense perplexity {dense['ppl']:.3f} ({dense['windows']} windows of {dense['seqlen']} tokens)")
-        clock = timed()
-        samples = data_mod.calibration_tokens(plan, tokenizer, args.nsamples, args.seqlen, args.seed, log)
-        timings["calibration"] += clock()
         report.update(prune_model(model, samples, args, cfg, device, timings))
         if args.eval:
             clock = timed()
-            after = _eval(model, args, plan, tokenizer, device, log)
+            after = _eval(model, args, windows, device, "evaluation")
             timings["evaluation"] += clock()
             report["ppl"] = after["ppl"]
             report["eval"] = {k: after[k] for k in ("windows", "seqlen")}
     finally:
-        model.config.use_cache = use_cache
+        model.config.use_cache = use_cache      # the caller's model keeps its setting (and --save)
     timings["pruning"] = sum(timings[k] for k in ("calibration", "statistics", "initial_masks", "refine",
                                                   "propagation"))
     timings["total"] = total()
@@ -513,12 +594,18 @@ def run(args: PruneArgs, model: Optional[nn.Module] = None, tokenizer=None) -> D
     report["torch"] = torch.__version__
     report["dsnot_kernels"] = dk.__version__
     if args.save:
-        clock = timed()
-        save_model(model, tokenizer, report, args.save, use_cache)
         report["saved_to"] = str(Path(args.save).absolute())
+        clock = timed()
+        try:
+            save_model(model, tokenizer, report, args.save)
+        except OSError as exc:
+            raise DriverError(f"--save {args.save!r}: writing the model failed, nothing was saved ({exc})") from exc
         timings["save"] = clock()
     if args.report:
-        _write_json_atomic(args.report, report)
+        try:
+            _write_json_atomic(args.report, report)
+        except OSError as exc:
+            raise DriverError(f"--report {args.report!r}: writing it failed ({exc})") from exc
     return report
 
 
