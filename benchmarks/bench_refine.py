@@ -23,6 +23,7 @@ import contextlib
 import datetime as dt
 import functools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -137,10 +138,19 @@ def triton_knobs(knobs: dict):
     import dsnot_kernels.ops as ops
     original = ops.refine_triton
     ops.refine_triton = functools.partial(original, **knobs)
+    # no launch tuning for a pinned launch: else dk.refine would judge its input checks before
+    # the kernels on every call (it does so before a tuning call), unlike the tuned auto row
+    tune = os.environ.get("DSNOT_TRITON_TUNE")
+    if knobs:
+        os.environ["DSNOT_TRITON_TUNE"] = "0"
     try:
         yield
     finally:
         ops.refine_triton = original
+        if tune is None:
+            os.environ.pop("DSNOT_TRITON_TUNE", None)
+        else:
+            os.environ["DSNOT_TRITON_TUNE"] = tune
 
 
 def parse_variants(text: str | None) -> list:

@@ -239,6 +239,8 @@ def test_pipeline_prunes_saves_and_reloads(kind, pattern, init, dtype, text_file
     os.umask(umask)
     assert (out.stat().st_mode & 0o777, (tmp_path / "report.json").stat().st_mode & 0o777) == \
         (0o777 & ~umask, 0o666 & ~umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == \
+        {p.name: 0o666 & ~umask for p in out.iterdir()}          # model.safetensors too
 
 
 def test_dsnot_swaps_and_lowers_error(text_file, tokenizer):
@@ -405,7 +407,8 @@ def _tiny_dir(tmp_path, tokenizer):
     return src
 
 
-@pytest.mark.parametrize("case", ["report-inside-save", "report-is-a-directory", "save-unwritable",
+@pytest.mark.parametrize("case", ["report-inside-save", "report-inside-save-via-dots",
+                                  "report-is-a-directory", "save-unwritable",
                                   "report-unwritable", "report-under-a-file"])
 def test_output_paths_are_checked_before_any_work(case, capsys, tmp_path, text_file):
     """Where --save/--report cannot be written is found before the model loads, not after the
@@ -414,6 +417,8 @@ def test_output_paths_are_checked_before_any_work(case, capsys, tmp_path, text_f
     (tmp_path / "a-dir").mkdir()
     save, report, match = {
         "report-inside-save": (tmp_path / "out", tmp_path / "out" / "sub" / "r.json", "lies inside --save"),
+        "report-inside-save-via-dots": (tmp_path / "out", tmp_path / "a-dir" / ".." / "out" / "r.json",
+                                        "lies inside --save"),
         "report-is-a-directory": (None, tmp_path / "a-dir", "is a directory"),
         "save-unwritable": (Path("/proc/dsnot-out"), None, "cannot write to '/proc'"),
         "report-unwritable": (None, Path("/proc/sub/r.json"), "cannot write to '/proc'"),

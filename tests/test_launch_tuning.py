@@ -51,7 +51,7 @@ def fake_clock(monkeypatch):
 
     def time_launch(run):
         out = run()
-        return state["times"].get(state["current"], 1.0), out
+        return state["times"].get(state["current"], 1.0), [out]
 
     original = launch_tuning.tuned_refine
     monkeypatch.setattr(launch_tuning, "tuned_refine", tuned_refine)
@@ -118,6 +118,7 @@ def test_knobs_or_switch_turn_tuning_off(fake_clock, monkeypatch):
 def test_differing_or_failing_launch_is_dropped(fake_clock, monkeypatch):
     problem = _problem(6, 64)
     real = refine_triton
+    calls = {"rows": 0}
 
     def faulty(problem, cap, **knobs):
         if knobs.get("num_warps") == 1:
@@ -125,6 +126,10 @@ def test_differing_or_failing_launch_is_dropped(fake_clock, monkeypatch):
         out = real(problem, cap, **knobs)
         if knobs.get("programs_per_sm") == 2:          # a miscompiled launch on this 'GPU'
             out.swaps[0] += 1
+        if knobs == {"select": "rows"}:                 # the default launch races: 2nd run differs
+            calls["rows"] += 1
+            if calls["rows"] == 2:
+                out.error_after[1] = float("nan")
         return out
 
     monkeypatch.setattr(launch_tuning, "_device_name", lambda device: "a test GPU")
@@ -136,16 +141,50 @@ def test_differing_or_failing_launch_is_dropped(fake_clock, monkeypatch):
         warnings.simplefilter("always", RuntimeWarning)
         out = launch_tuning.tuned_refine(problem, 16, lambda **knobs: faulty(problem, 16, **knobs))
     messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
-    assert len(messages) == 1 and "select=stream,programs_per_sm=2 computed a different result " \
-        "than the default launch on a test GPU" in messages[0], messages
+    assert len(messages) == 2, messages
+    assert "select=rows computed a different result than its own other runs on a test GPU" in messages[0]
+    assert "select=stream,programs_per_sm=2 computed a different result than select=stream's" in messages[1]
     assert_same_output(reference_output(*make_layer(6, 64, torch.float16), dk.RefineConfig(
         sparsity=0.6, max_cycle_time=8, update_threshold=0.01))[1], out, "baseline returned")
     (entry,) = launch_tuning.tuned_launches()
     assert entry["launch"] == "select=rows,queue_search=serial"
     assert entry["dropped"] == {
-        "select=stream,programs_per_sm=2": "output differs from the default launch's",
+        "select=rows": "output differs from its own other runs",
+        "select=stream,programs_per_sm=2": "output differs from select=stream's",
         "select=stream,num_warps=1,chunk=128,programs_per_sm=16":
             "RuntimeError: out of resources: shared memory"}
+
+
+def test_a_launch_that_breaks_the_context_stops_the_tuning(fake_clock, monkeypatch):
+    problem = _problem(3, 64)
+    monkeypatch.setattr(launch_tuning, "_context_broken", lambda device: True)
+    monkeypatch.setattr(launch_tuning, "_device_name", lambda device: "a test GPU")
+
+    def crashing(**knobs):
+        if knobs["select"] == "stream":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return refine_triton(problem, 16, **knobs)
+
+    with pytest.raises(RuntimeError, match="select=stream failed on a test GPU and left its CUDA "
+                                           "context unusable"):
+        launch_tuning.tuned_refine(problem, 16, crashing)
+    assert launch_tuning.tuned_launches() == []
+
+
+def test_class_key_and_same_output():
+    """N:M rows whose groups pad differently get different classes (the row kernel's tile);
+    a tile wider than ROWS_MAX_COLS leaves the row kernel out; equal NaNs compare equal."""
+    narrow, wide = _problem(1, 12288, "1:3"), _problem(1, 16383, "1:3")
+    assert launch_tuning.row_block(narrow) == 16384 and launch_tuning.row_block(wide) == 32768
+    assert launch_tuning.problem_class(narrow, 128) != launch_tuning.problem_class(wide, 128)
+    assert not any(k["select"] == "rows" for k in launch_tuning.candidates(wide))
+    assert any(k["select"] == "rows" for k in launch_tuning.candidates(narrow))
+    out = refine_triton(_problem(3, 64), 16, select="rows")
+    copy = type(out)(*(t.clone() for t in out))
+    out.error_after[0] = copy.error_after[0] = float("nan")
+    assert launch_tuning.same_output(out, copy)
+    copy.error_after[1] += 1
+    assert not launch_tuning.same_output(out, copy)
 
 
 def test_bad_input_is_judged_before_a_tuning(fake_clock):

@@ -5,21 +5,23 @@ per row with the row in registers, the same persistent and seeded, the streamed 
 four warps or one, with more or fewer programs per SM, each with the joint or the serial
 queue search. Which is fastest depends on the GPU and on the problem's shape, and most were
 written in sessions without a GPU (benchmarks/PERF_NOTES.md). So on a CUDA device the first
-call for a class of problems (same pattern, dtype, padded width, padded row count, queue
+call for a class of problems (same pattern, dtype, tile width, padded row count, queue
 depth and inputs) runs every candidate on the caller's own problem: once to compile and warm
-up, then ``REPEATS`` times between CUDA events, and keeps the fastest for that class for the
-rest of the process. Later calls of the class launch the winner directly, with no host sync.
+up, then ``REPEATS`` times back to back between two CUDA events, and keeps the fastest for
+that class for the rest of the process. Later calls of the class launch the winner directly,
+with no host sync and no further check.
 
-Every candidate's output (mask, swaps, both errors) must equal the default launch's bit for
-bit. One that differs is dropped with a ``RuntimeWarning`` (it would be a kernel bug on that
-GPU), one that cannot be compiled or launched there (e.g. too little shared memory) is
-dropped quietly; both are recorded in :func:`tuned_launches`. ``DSNOT_TRITON_TUNE=0`` turns
-the tuning off: ``auto`` then takes the default launch (rows for unstructured rows of at
-most 4096 columns, streamed otherwise).
+On that first call every run of every candidate (mask, swaps, both errors) must equal the
+first consistent candidate's output (the default launch's, unless it failed) bit for bit.
+One that differs is dropped with a ``RuntimeWarning`` (it would be a kernel bug on that
+GPU); one that raises (too little shared memory, registers or memory there) is dropped
+quietly, unless it left the CUDA context unusable: then the call raises. Both kinds are
+recorded in :func:`tuned_launches`. ``DSNOT_TRITON_TUNE=0`` turns the tuning off: ``auto``
+then takes the default launch (rows for unstructured rows of at most 4096 columns,
+streamed otherwise).
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from typing import Callable
@@ -28,8 +30,8 @@ import torch
 
 from ..problem import RefineOutput, RefineProblem
 
-REPEATS = 3          # timed runs per candidate (the fastest counts), after one warm-up run
-ROWS_MAX_COLS = 16384  # the row kernel holds a row in registers: wider rows spill heavily
+REPEATS = 3          # runs per candidate timed together, back to back, after one warm-up run
+ROWS_MAX_COLS = 16384  # widest row tile of the row kernel (it holds a row in registers)
 
 # refine_triton keyword arguments of each candidate, the default launches first
 CANDIDATES: tuple[dict, ...] = (
@@ -73,6 +75,12 @@ def default_launch(problem: RefineProblem) -> dict:
     return {"select": "stream" if problem.is_nm or wide else "rows"}
 
 
+def row_block(problem: RefineProblem) -> int:
+    """Width of the row kernel's row tile: ``pow2(in)``, for N:M ``pow2(in / M) * pow2(M)``."""
+    cols, m = problem.weight.shape[1], problem.prune_m
+    return _pow2(cols // m) * _pow2(m) if problem.is_nm else _pow2(cols)
+
+
 def candidates(problem: RefineProblem) -> list[dict]:
     """The candidates that are distinct launches for ``problem``, its default first."""
     cols = problem.weight.shape[1]
@@ -81,7 +89,7 @@ def candidates(problem: RefineProblem) -> list[dict]:
     for knobs in CANDIDATES:
         if knobs in chosen:
             continue
-        if knobs["select"] == "rows" and cols > ROWS_MAX_COLS:
+        if knobs["select"] == "rows" and row_block(problem) > ROWS_MAX_COLS:
             continue
         if "row_programs_per_sm" in knobs and not seeded_applies:
             continue         # without the seed the persistent launch is the plain row kernel
@@ -91,38 +99,53 @@ def candidates(problem: RefineProblem) -> list[dict]:
     return chosen
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def problem_class(problem: RefineProblem, cap: int) -> tuple:
-    """What the winner is kept for: launches compile per padded width, dtype and flags, and
+    """What the winner is kept for: launches compile per tile width, dtype and flags, and
     their speed moves with the number of rows."""
     w = problem.weight
     rows, cols = w.shape
-    pow2 = lambda n: 1 << max(0, int(n) - 1).bit_length()   # noqa: E731
     return (str(w.device), w.dtype, problem.is_nm, problem.prune_n, problem.prune_m,
-            pow2(cols), pow2(rows), pow2(max(1, min(int(problem.cycles), cols))), int(cap),
-            problem.initial_mask is not None, problem.init_score is not None,
+            _pow2(cols), row_block(problem), _pow2(rows), _pow2(max(1, min(int(problem.cycles), cols))),
+            int(cap), problem.initial_mask is not None, problem.init_score is not None,
             bool(problem.moment_check))
 
 
 def same_output(a: RefineOutput, b: RefineOutput) -> bool:
-    """Bit-for-bit equality of two refinements of one problem."""
-    return all(torch.equal(x, y) for x, y in ((a.pruned_mask, b.pruned_mask), (a.swaps, b.swaps),
-                                              (a.error_before, b.error_before),
-                                              (a.error_after, b.error_after)))
+    """Bit-for-bit equality of two refinements of one problem (NaN equal to the same NaN)."""
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.int32) if t.dtype == torch.float32 else t
+    return all(torch.equal(bits(x), bits(y)) for x, y in (
+        (a.pruned_mask, b.pruned_mask), (a.swaps, b.swaps),
+        (a.error_before, b.error_before), (a.error_after, b.error_after)))
 
 
-def time_launch(run: Callable[[], RefineOutput]) -> tuple[float, RefineOutput]:
-    """Seconds of the fastest of ``REPEATS`` runs of ``run`` on the current CUDA stream (after
-    the caller's warm-up run), and the last run's output."""
+def time_launch(run: Callable[[], RefineOutput]) -> tuple[float, list[RefineOutput]]:
+    """Seconds per run of ``REPEATS`` runs of ``run`` queued back to back on the current CUDA
+    stream (after the caller's warm-up run), and their outputs. Back to back, as in a
+    layer-wise loop: a launch's host work overlaps the GPU work queued before it, and the
+    GPU never idles between two event records waiting for the host."""
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
-    best, out = math.inf, None
-    for _ in range(REPEATS):
-        start.record()
-        out = run()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return best, out
+    start.record()
+    outputs = [run() for _ in range(REPEATS)]
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / REPEATS, outputs
+
+
+def _context_broken(device: torch.device) -> bool:
+    """Whether the CUDA context of ``device`` is unusable (a kernel fault is sticky)."""
+    if device.type != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:   # noqa: BLE001 - any failure here means the context is gone
+        return True
+    return False
 
 
 def tuned_refine(problem: RefineProblem, cap: int,
@@ -134,30 +157,44 @@ def tuned_refine(problem: RefineProblem, cap: int,
     if entry is not None:
         return run(**entry["launch"])
 
-    baseline = None
+    device = problem.weight.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)   # a fault of earlier work must not blame a candidate
+    baseline, baseline_name = None, None
     seconds: dict[str, float] = {}
     dropped: dict[str, str] = {}
-    failures: list[Exception] = []
+    first_error: Exception | None = None
     for knobs in candidates(problem):
         name = launch_name(knobs)
         try:
-            out = run(**knobs)           # compiles on first use; its output is the check
-            elapsed, _ = time_launch(lambda knobs=knobs: run(**knobs))
-        except Exception as exc:   # noqa: BLE001 - any launch that fails on this GPU is skipped
+            outputs = [run(**knobs)]     # compiles on first use
+            elapsed, timed = time_launch(lambda knobs=knobs: run(**knobs))
+            outputs += timed
+        except Exception as exc:   # noqa: BLE001 - a launch this GPU cannot run is skipped...
+            if _context_broken(device):  # ...unless it broke the context: nothing can run now
+                raise RuntimeError(f"triton select launch {name} failed on {_device_name(device)} and "
+                                   f"left its CUDA context unusable; set DSNOT_TRITON_TUNE=0 to use "
+                                   f"the default launch only, and please report it") from exc
             dropped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            failures.append(exc)
+            if first_error is None:      # without its traceback: its frames hold GPU tensors
+                first_error = exc.with_traceback(None)
+            continue
+        reference = outputs[0] if baseline is None else baseline
+        if not all(same_output(reference, out) for out in outputs):
+            against = "its own other runs" if baseline is None else f"{baseline_name}'s"
+            dropped[name] = f"output differs from {against}"
+            warnings.warn(f"triton select launch {name} computed a different result than "
+                          f"{against} on {_device_name(device)} and is not used; please report it",
+                          RuntimeWarning, stacklevel=3)
             continue
         if baseline is None:
-            baseline = out
-        elif not same_output(baseline, out):
-            dropped[name] = "output differs from the default launch's"
-            warnings.warn(f"triton select launch {name} computed a different result than the "
-                          f"default launch on {_device_name(problem.weight.device)} "
-                          f"and is not used; please report it", RuntimeWarning, stacklevel=3)
-            continue
+            baseline, baseline_name = outputs[0], name
         seconds[name] = elapsed
     if baseline is None:
-        raise failures[0]
+        if first_error is None:
+            raise RuntimeError(f"no triton select launch gave consistent results on "
+                               f"{_device_name(device)}: {dropped}")
+        raise first_error
     fastest = min(seconds, key=seconds.get)
     launch = next(k for k in candidates(problem) if launch_name(k) == fastest)
     rows, cols = problem.weight.shape

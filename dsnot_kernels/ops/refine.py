@@ -126,6 +126,20 @@ def _num_warps(block: int, nm: bool) -> int:
     return max(4, min(32, block // 512))
 
 
+def _on_weight_device(fn):
+    """Run ``fn(problem, ...)`` with the problem's GPU as the current device: Triton launches
+    on the current device, which need not be the one the tensors live on (``cuda:1``)."""
+    @functools.wraps(fn)
+    def on_device(problem, *args, **kwargs):
+        weight = getattr(problem, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_cuda:
+            with torch.cuda.device(weight.device):
+                return fn(problem, *args, **kwargs)
+        return fn(problem, *args, **kwargs)
+    return on_device
+
+
+@_on_weight_device
 def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
                   num_warps: int | None = None, block_rows: int | None = None,
                   select: str = "auto", programs_per_sm: int = 8, chunk: int = 1024,

@@ -17,6 +17,7 @@ Memory traffic: one read of ``x`` (2 or 4 B per element) and ``24 B * batch * in
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -88,8 +89,10 @@ def batch_partial_sums(x: torch.Tensor):
         raise ValueError(f"x has in={width} features; the statistics kernel takes at most {65535 * BLOCK_C}")
     # no FMA contraction: the GPU then rounds each product and sum as the interpreter and
     # the float64 torch path do
-    stats_kernel[(batch, triton.cdiv(width, BLOCK_C))](
-        x, out, seq, width, x.stride(0), x.stride(1), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=4,
-        enable_fp_fusion=False)
+    # Triton launches on the current device: make it x's (cuda:1 is not always current)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        stats_kernel[(batch, triton.cdiv(width, BLOCK_C))](
+            x, out, seq, width, x.stride(0), x.stride(1), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+            num_warps=4, enable_fp_fusion=False)
     total = out.sum(0)
     return total[0], total[1], total[2]

@@ -138,8 +138,8 @@ def check_report_path(path: Optional[str], save: Optional[str]) -> None:
     if target.is_dir():
         raise DriverError(f"--report {path!r} is a directory: give a file path, e.g. {path.rstrip('/')}/report.json")
     if save is not None:
-        saved = Path(save).absolute()
-        if saved == target or saved in target.parents:
+        saved, real = Path(save).resolve(), target.resolve()     # through '..' and links
+        if saved == real or saved in real.parents:
             raise DriverError(f"--report {path!r} lies inside --save {save!r}, which must be a new directory "
                               f"(the saved model gets its own dsnot_report.json there): put the report elsewhere")
     existing = target.parent
@@ -477,6 +477,8 @@ def save_model(model: nn.Module, tokenizer, report: Dict[str, Any], path: str) -
             tokenizer.save_pretrained(str(tmp))
         with open(tmp / "dsnot_report.json", "w") as fh:
             json.dump(report, fh, indent=2)
+        for path in tmp.rglob("*"):               # safetensors writes its files 0600
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
         if target.exists():
             target.rmdir()            # empty (checked); rename cannot replace a directory
         os.rename(tmp, target)
@@ -497,18 +499,21 @@ def run(args: PruneArgs, model: Optional[nn.Module] = None, tokenizer=None) -> D
 
 @contextlib.contextmanager
 def _transformers_progress_bars(enabled: bool):
-    """transformers' own bars (loading, saving) on or off for the run, then as they were."""
+    """transformers' own bars (loading, saving) off for the run unless ``enabled``, then on
+    again if they were (left alone when ``enabled``: the user's settings stand)."""
     try:
         from transformers.utils import logging as tf_logging
     except ImportError:          # pragma: no cover - load_model names the missing package
         yield
         return
-    was = tf_logging.is_progress_bar_enabled()
-    (tf_logging.enable_progress_bar if enabled else tf_logging.disable_progress_bar)()
+    turn_off = not enabled and tf_logging.is_progress_bar_enabled()
+    if turn_off:
+        tf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        (tf_logging.enable_progress_bar if was else tf_logging.disable_progress_bar)()
+        if turn_off:
+            tf_logging.enable_progress_bar()
 
 
 def _run(args: PruneArgs, model: Optional[nn.Module], tokenizer) -> Dict[str, Any]:
