@@ -169,7 +169,6 @@ def check_pattern(layers: nn.ModuleList, layers_name: str, cfg: dk.RefineConfig)
                                   f"of {layers_name}.{i}.{name}; choose an M that divides every layer's width")
 
 
-
 def check_skip(layers: nn.ModuleList, layers_name: str, skip: List[str]) -> None:
     """Every ``--skip`` name part must match a sublayer: a typo would refine what it meant to skip."""
     names = sorted({name for layer in layers for name in find_linears(layer)})
@@ -477,8 +476,8 @@ def save_model(model: nn.Module, tokenizer, report: Dict[str, Any], path: str) -
             tokenizer.save_pretrained(str(tmp))
         with open(tmp / "dsnot_report.json", "w") as fh:
             json.dump(report, fh, indent=2)
-        for path in tmp.rglob("*"):               # safetensors writes its files 0600
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+        for item in tmp.rglob("*"):               # safetensors writes its files 0600
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~_umask())
         if target.exists():
             target.rmdir()            # empty (checked); rename cannot replace a directory
         os.rename(tmp, target)
