@@ -72,7 +72,7 @@ def print_summary(paths: list) -> None:
 
 def format_tuned(entry: dict) -> str:
     """One line for a ``launch_tuning.tuned_launches()`` entry: the class, the winner, every
-    candidate's time (fastest first, ms) and what was dropped."""
+    candidate's time per run (fastest first, ms) and what was dropped."""
     times = ", ".join(f"{name} {sec * 1e3:.3f}" for name, sec in
                       sorted(entry["seconds"].items(), key=lambda kv: kv[1]))
     dropped = "".join(f"; dropped {name}: {why}" for name, why in entry["dropped"].items())

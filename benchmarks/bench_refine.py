@@ -335,7 +335,7 @@ def main(argv=None) -> int:
 
     save(complete=True)
     if summary["triton_tuned_launches"]:
-        print("triton select launches tuned by select='auto' (each candidate's fastest run, ms):")
+        print("triton select launches tuned by select='auto' (each candidate's time per run, ms):")
         for entry in summary["triton_tuned_launches"]:
             print("  " + format_tuned(entry))
     print(f"wrote {out_dir / (stem + '.json')} and .csv")

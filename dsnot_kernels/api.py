@@ -242,7 +242,7 @@ def _build_problem(layer: LayerLike, stats: LayerStats, cfg: Optional[RefineConf
     if m and in_features % m:
         raise ValueError(f"pattern {cfg.pattern!r}: M={m} must divide {owner}'s in_features={in_features}")
     if initial_mask is not None:
-        mask_name = "initial_mask" if name == "layer" else f"initial_masks{name[len('layers'):]}"
+        mask_name = "initial_mask" if name == "layer" else name.replace("layers", "initial_masks", 1)
         initial_mask = _check_initial_mask(initial_mask, weight, cfg, checks, mask_name, owner)
 
     if shared_from is None:

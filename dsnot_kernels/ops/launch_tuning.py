@@ -54,12 +54,17 @@ def enabled(device: torch.device) -> bool:
             and os.environ.get("DSNOT_TRITON_TUNE", "1") != "0")
 
 
+def applies(problem: RefineProblem) -> bool:
+    """Whether ``refine_triton(problem)`` with its knobs at their defaults goes through
+    :func:`tuned_refine` (tuning on enabled for the device, a non-empty problem)."""
+    return enabled(problem.weight.device) and problem.weight.numel() > 0
+
+
 def needs_tuning(problem: RefineProblem, cap: int) -> bool:
     """Whether ``refine_triton(problem, cap)`` (other knobs at their defaults) tunes on this
     call. ``dk.refine`` judges its input checks before such a call instead of after queueing
     the kernels, so that bad values (NaN) never take part in a tuning."""
-    return (enabled(problem.weight.device) and problem.weight.numel() > 0
-            and problem_class(problem, cap) not in _TUNED)
+    return applies(problem) and problem_class(problem, cap) not in _TUNED
 
 
 def launch_name(knobs: dict) -> str:
@@ -67,11 +72,14 @@ def launch_name(knobs: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in knobs.items())
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def default_launch(problem: RefineProblem) -> dict:
     """The launch ``auto`` takes untuned: the faster of the two select kernels on an H100 in
     the last GPU measurement (rows for unstructured rows of <= 4096 columns)."""
-    cols = problem.weight.shape[1]
-    wide = 1 << max(0, cols - 1).bit_length() > 4096
+    wide = _pow2(problem.weight.shape[1]) > 4096
     return {"select": "stream" if problem.is_nm or wide else "rows"}
 
 
@@ -97,10 +105,6 @@ def candidates(problem: RefineProblem) -> list[dict]:
             continue         # the joint search does not apply: auto is serial already
         chosen.append(knobs)
     return chosen
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def problem_class(problem: RefineProblem, cap: int) -> tuple:
@@ -215,7 +219,8 @@ def _device_name(device: torch.device) -> str:
 def tuned_launches() -> list[dict]:
     """What the tuning chose so far in this process, one entry per problem class: ``rows``,
     ``cols`` (of the call that tuned it), ``pattern``, ``dtype``, ``launch`` (the winner's
-    ``refine_triton`` keywords), ``seconds`` (each candidate's fastest run) and ``dropped``
+    ``refine_triton`` keywords), ``seconds`` (each candidate's time per run, runs queued back
+    to back) and ``dropped``
     (candidate -> why it was not used)."""
     return [dict(entry, launch=launch_name(entry["launch"])) for entry in _TUNED.values()]
 

@@ -178,8 +178,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
         raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps}")
     if select == "auto":
         knobs = (num_warps, block_rows, programs_per_sm, chunk, queue_search, row_programs_per_sm)
-        if knobs == (None, None, 8, 1024, "auto", 0) and problem.weight.numel() > 0 \
-                and launch_tuning.enabled(problem.weight.device):
+        if knobs == (None, None, 8, 1024, "auto", 0) and launch_tuning.applies(problem):
             return launch_tuning.tuned_refine(problem, cap, functools.partial(refine_triton, problem, cap))
         select = launch_tuning.default_launch(problem)["select"]
     w = problem.weight.contiguous()

