@@ -1,7 +1,7 @@
 """Installs the library ``dsnot_kernels`` and the driver package ``dsnot_prune`` (from python/).
 
 The optional compiled extension ``dsnot_kernels._C`` is built from csrc/ by
-``build_extension.py`` (see README, "Build switches"); the package works without it.
+``build_extension.py`` (see README, "Building the extension"); the package works without it.
 Install with ``pip install --no-build-isolation -e .`` so the extension compiles against the
 torch already installed (build isolation would fetch another torch).
 """

@@ -1,7 +1,7 @@
 """The compiled backend ``"ext"``: a thin wrapper around ``dsnot_kernels._C``.
 
-The extension (csrc/, built by ``pip install --no-build-isolation -e .``; see README, "Build
-switches") runs SPEC §2-§5 for one layer in one call:
+The extension (csrc/, built by ``pip install --no-build-isolation -e .``; see README, "Building
+the extension") runs SPEC §2-§5 for one layer in one call:
 
     per row r of W [out, in]:  initial mask (N:M, or the k lowest scores), e = Σ_pruned D
     (float64), grow+ / grow- = top-T selections of the pruned columns by G = D / V^p,

@@ -98,7 +98,7 @@ def moment_delta(e: torch.Tensor, e2: torch.Tensor, d_p, d_g, a_p, a_g, seq_len:
     """``L²`` times the change of the expected squared output error per token of one swap.
 
     ``ΔF·L² = L·(A_p² − A_g²) − (D_p² − D_g²) + (e2² − e²)``, all in float64 in this order.
-    Derivation (README, "Robust preset"): with independent input channels the per-token
+    Derivation (README, "DSnoT that helps"): with independent input channels the per-token
     squared error of a row is ``Σ_{j pruned} w_j² Var(x_j) + (e/L)²`` and
     ``Var(x_j) = Q_j/L − (S_j/L)²``.
     """

@@ -83,7 +83,7 @@ class RefineConfig:
         improve_check: [robust preset] stop a row at the first swap that would not lower ``|e|``.
         moment_check: [robust preset] stop a row at the first swap that would not lower the
             row's expected *squared* output error per token under independent input channels
-            (README, "Robust preset"); uses the mean sequence length ``ntokens / nsamples``.
+            (README, "DSnoT that helps"); uses the mean sequence length ``ntokens / nsamples``.
         cycle_fraction: [robust preset] if set, a row's cycle budget is
             ``min(max_cycle_time, floor(cycle_fraction * pruned_per_row))``.
     """
@@ -184,7 +184,7 @@ class RefineConfig:
 
     @classmethod
     def robust(cls, **overrides) -> "RefineConfig":
-        """Swaps must lower both ``|e|`` and the squared-error estimate (README, "Robust preset").
+        """Swaps must lower both ``|e|`` and the squared-error estimate (README, "DSnoT that helps").
 
         With ``init="sparsegpt"`` it keeps SparseGPT's mask (``max_cycle_time=0``) unless told
         otherwise: DSnoT's error model assumes a regrown weight restores its dense contribution,
