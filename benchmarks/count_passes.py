@@ -68,8 +68,16 @@ def count_passes(rows: int, cols: int, pattern: str = "unstructured", programs: 
     expected = dk.refine(weight, stats, cfg, backend="torch")
     if not (torch.equal(out.pruned_mask, expected.pruned_mask) and torch.equal(out.swaps, expected.swaps)):
         raise AssertionError(f"{rows}x{cols} {pattern}: the {select} kernel differs from the torch backend")
+    # probes of the k-th search of the initial mask (unstructured), after its stats pass: the
+    # streamed kernel's are the _count passes over its key line (its register endgame costs one
+    # _compact pass, then probes in registers); the row kernel's are its block reductions, a
+    # search_step each that is neither a joint queue probe (joint_step) nor a seed (seed_step,
+    # counted in the stats reduction)
+    kth_probes = (calls["_count"] if select == "stream" else
+                  calls["search_step"] - calls["joint_step"] - calls["seed_step"])
     return {"shape": f"{rows}x{cols}", "pattern": pattern, "select": select, "programs": programs,
-            "queue_probe_passes": calls["joint_step"] / rows, "queue_tie_passes": calls["joint_tie_step"] / rows}
+            "queue_probe_passes": calls["joint_step"] / rows, "queue_tie_passes": calls["joint_tie_step"] / rows,
+            "kth_probe_passes": kth_probes / rows, "kth_endgame_passes": calls["_compact"] / rows}
 
 
 def main(argv=None) -> int:
@@ -89,7 +97,8 @@ def main(argv=None) -> int:
                 r = count_passes(rows, cols, pattern, programs, select=args.select)
                 print(f"{r['shape']} {args.select} {pattern:>12} programs={programs:3d} ({rows / programs:.1f} rows each): "
                       f"queue probe passes/row {r['queue_probe_passes']:.2f}, tie passes/row "
-                      f"{r['queue_tie_passes']:.2f}", flush=True)
+                      f"{r['queue_tie_passes']:.2f}; k-th probe passes/row {r['kth_probe_passes']:.2f}, "
+                      f"k-th endgame passes/row {r['kth_endgame_passes']:.2f}", flush=True)
     return 0
 
 

@@ -34,7 +34,8 @@ SWEEP = [
     {"select": "rows", "row_programs_per_sm": 1}, {"select": "rows", "row_programs_per_sm": 2},
     {"select": "stream"},                                           # 4 warps, chunk 1024, 8/SM
     {"select": "stream", "chunk": 512}, {"select": "stream", "chunk": 2048},
-    {"select": "stream", "programs_per_sm": 4}, {"select": "stream", "programs_per_sm": 2},
+    {"select": "stream", "programs_per_sm": 4}, {"select": "stream", "programs_per_sm": 3},
+    {"select": "stream", "programs_per_sm": 2},
     {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 4},  # seeds: more rows per program
     {"select": "stream", "num_warps": 2, "chunk": 256, "programs_per_sm": 8},
     {"select": "stream", "num_warps": 2, "chunk": 256, "programs_per_sm": 16},

@@ -144,8 +144,9 @@ def test_gpu_session_rejects_bad_steps(tmp_path, args, env, message):
 @pytest.mark.interpret
 def test_queue_search_seeds_cut_passes():
     """``count_passes.py``: in the streamed kernel and the persistent row kernel, a program's
-    later rows start the joint queue search from the previous row's thresholds and need far
-    fewer probe passes than rows that start cold (one program per row). Pass counts, not
+    later rows start the joint queue search and the initial mask's ``k``-th search from the
+    previous row's thresholds and need far fewer probe passes than rows that start cold (one
+    program per row). Pass counts, not
     times: deterministic."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -155,8 +156,13 @@ def test_queue_search_seeds_cut_passes():
     cold = count_passes.count_passes(12, 1024, "unstructured", programs=12)
     assert cold["queue_probe_passes"] >= 1.5, cold          # the search really searches
     assert seeded["queue_probe_passes"] <= 0.5 * cold["queue_probe_passes"], (seeded, cold)
-    rows_seeded = count_passes.count_passes(12, 256, "unstructured", programs=1, select="rows")
-    rows_cold = count_passes.count_passes(12, 256, "unstructured", programs=12, select="rows")
+    assert cold["kth_probe_passes"] >= 3, cold              # the initial mask's k-th search too
+    assert seeded["kth_probe_passes"] <= 0.5 * cold["kth_probe_passes"], (seeded, cold)
+    # 512 columns: at 256 every queue fits its sort whole and neither launch searches
+    rows_seeded = count_passes.count_passes(12, 512, "unstructured", programs=1, select="rows")
+    rows_cold = count_passes.count_passes(12, 512, "unstructured", programs=12, select="rows")
+    assert rows_cold["queue_probe_passes"] >= 1.5, rows_cold
     assert rows_seeded["queue_probe_passes"] <= 0.5 * rows_cold["queue_probe_passes"], (rows_seeded, rows_cold)
+    assert rows_seeded["kth_probe_passes"] <= 0.75 * rows_cold["kth_probe_passes"], (rows_seeded, rows_cold)
     with pytest.raises(SystemExit):
         count_passes.main(["--shapes", "12by64"])
