@@ -115,8 +115,10 @@ def extension_setup_kwargs() -> dict:
         raise SystemExit(f"dsnot_kernels: DSNOT_BUILD_CUDA=1 but the CUDA path cannot be built: {cuda_reason}")
     with_cuda = cuda_reason is None
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        # sm_80 and sm_90 as in CMakeLists.txt, never the build machine's own GPU only
-        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a[:-1]}.{a[-1]}" for a in flags["DSNOT_CUDA_ARCHS"])
+        # sm_80 and sm_90 as in CMakeLists.txt, never the build machine's own GPU only, plus the
+        # newest one's PTX, which the driver compiles for GPUs newer than the list (Blackwell)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(
+            f"{a[:-1]}.{a[-1]}" for a in flags["DSNOT_CUDA_ARCHS"]) + "+PTX"
 
     class BuildDsnotExtension(cpp_extension.BuildExtension):
         """torch's BuildExtension, plus the DSNOT_BUILD_* fallbacks and a one-line summary."""
@@ -154,8 +156,8 @@ def extension_setup_kwargs() -> dict:
                         raise
                     self._drop(ext, exc2)
                     return
-            paths = "C++ CPU path + CUDA path (" + ", ".join(
-                f"sm_{a}" for a in flags["DSNOT_CUDA_ARCHS"]) + ")" if with_cuda else \
+            paths = "C++ CPU path + CUDA path (TORCH_CUDA_ARCH_LIST " + os.environ.get(
+                "TORCH_CUDA_ARCH_LIST", "") + ")" if with_cuda else \
                 f"C++ CPU path only (no CUDA path: {cuda_reason or 'its build failed'})"
             _say(f"built extension {EXT_NAME}: {paths}")
 

@@ -107,6 +107,12 @@ int dsnot_nm_refine_cuda(const dsnot_nm_problem* problem, const dsnot_nm_output*
 // 1 if this build contains the CUDA path (N:M).
 int dsnot_nm_has_cuda(void);
 
+// Whether CUDA device `device` can run this build's kernels: 1 if the binary holds an image it
+// loads (a cubin for its architecture, or PTX it compiles), 0 if not (e.g. a pre-Ampere GPU:
+// the kernels need sm_80), -1 if the device cannot be queried; 0 in a build without CUDA.
+// Restores the calling thread's current device and leaves no CUDA error of its own behind.
+int dsnot_nm_cuda_runs_on(int device);
+
 // 1 if this build's CUDA path also handles unstructured problems (else dsnot_nm_refine_cuda
 // answers DSNOT_UNSUPPORTED for them).
 int dsnot_has_cuda_unstructured(void);

@@ -276,6 +276,33 @@ static void test_threads() {
   EXPECT(total > 0, "no swaps at all on a random layer");
 }
 
+// dsnot_nm_cuda_runs_on: never 1 without a CUDA path or a device; 1 on a GPU this build targets
+// (sm_80 or newer); it restores the current device and leaves no error behind.
+static void test_cuda_runs_on() {
+#ifdef DSNOT_WITH_CUDA
+  int devices = 0;
+  const bool have_gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
+  cudaGetLastError();
+  const int runs = dsnot_nm_cuda_runs_on(0);
+  if (!have_gpu) {
+    EXPECT(runs == -1, "no CUDA device, yet cuda_runs_on(0) = %d", runs);
+    return;
+  }
+  cudaDeviceProp prop;
+  cudaGetDeviceProperties(&prop, 0);
+  int current = -1;
+  cudaGetDevice(&current);
+  EXPECT(runs == (prop.major >= 8 ? 1 : 0), "sm_%d%d: cuda_runs_on(0) = %d", prop.major, prop.minor, runs);
+  EXPECT(dsnot_nm_cuda_runs_on(devices) == -1, "cuda_runs_on(past the last device) should be -1");
+  int after = -1;
+  cudaGetDevice(&after);
+  EXPECT(after == current, "cuda_runs_on changed the current device %d -> %d", current, after);
+  EXPECT(cudaGetLastError() == cudaSuccess, "cuda_runs_on left a CUDA error behind");
+#else
+  EXPECT(dsnot_nm_cuda_runs_on(0) == 0, "a build without CUDA claims its CUDA path runs");
+#endif
+}
+
 #ifdef DSNOT_WITH_CUDA
 // The CUDA path against the CPU path on random layers (skipped without a GPU).
 static void test_cuda_matches_cpu() {
@@ -346,6 +373,7 @@ int main() {
   test_unstructured_hand_cases();
   test_conversions();
   test_threads();
+  test_cuda_runs_on();
 #ifdef DSNOT_WITH_CUDA
   test_cuda_matches_cpu();
 #endif

@@ -17,6 +17,7 @@ Importing this module never raises: a missing or broken library is recorded and 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch  # must precede the compiled module (it links against libtorch)
@@ -59,8 +60,27 @@ def unavailable_reason(device: torch.device, nm: bool = True) -> Optional[str]:
             return "dsnot_kernels._C was built without CUDA (rebuild with nvcc and a CUDA torch)"
         if not nm and not has_cuda_unstructured():
             return "dsnot_kernels._C's CUDA path implements N:M patterns only (unstructured runs on CPU tensors)"
-        return None
+        if not torch.cuda.is_available():
+            return f"CUDA is not available here (torch {torch.__version__})"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_image_reason(index)
     return f"dsnot_kernels._C has no path for device {device}"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_image_reason(index: int) -> Optional[str]:
+    """Why the CUDA path cannot run on GPU ``index`` (its build holds no kernel image that GPU
+    loads: pre-Ampere GPUs, or architectures left out of ``TORCH_CUDA_ARCH_LIST``), else None.
+    Asked once per GPU: ``auto`` then takes another backend instead of failing at launch."""
+    runs_on = getattr(_C, "cuda_runs_on", None)
+    if runs_on is None or runs_on(index) != 0:   # an older build cannot tell; -1: CUDA's own error
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    gpu = f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
+    if major < 8:
+        return f"dsnot_kernels._C's CUDA path needs an sm_80 or newer GPU, not {gpu}"
+    return (f"dsnot_kernels._C's CUDA path was not built for {gpu}: rebuild with "
+            f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" pip install --no-build-isolation -e .")
 
 
 _ERRORS = {"TypeError": TypeError, "ValueError": ValueError}

@@ -10,6 +10,7 @@ DSNOT_BUILD_EXT=1 says it must be there.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 import dsnot_kernels as dk
 from dsnot_kernels import ext
 from dsnot_kernels.api import build_problem
+from dsnot_kernels.backends import choose_backend
 from dsnot_kernels.reference import refine_reference
 
 from helpers import DTYPES, assert_same_output, make_layer, non_finite_growth_layer, reference_output
@@ -236,7 +238,8 @@ def test_reasons():
     assert ext.unavailable_reason(torch.device("cpu")) is None
     assert ext.unavailable_reason(torch.device("cpu"), nm=False) is None
     reason = ext.unavailable_reason(torch.device("cuda"))
-    assert (reason is None) == ext.has_cuda()
+    runs_here = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    assert (reason is None) == (ext.has_cuda() and runs_here), reason
     if not ext.has_cuda():
         assert "without CUDA" in reason
     reason_u = ext.unavailable_reason(torch.device("cuda"), nm=False)
@@ -244,6 +247,52 @@ def test_reasons():
     if ext.has_cuda() and not ext.has_cuda_unstructured():
         assert "N:M patterns only" in reason_u
     assert dk.available_backends("cpu", "2:4")["ext"] is True
+
+
+class _FakeCudaBuild:
+    """Stands in for a CUDA build of ``_C`` whose kernels do (1) or do not (0) have an image for
+    the GPU, or cannot ask it (-1)."""
+
+    def __init__(self, runs: int) -> None:
+        self.runs = runs
+
+    def has_cuda(self) -> bool:
+        return True
+
+    def has_cuda_unstructured(self) -> bool:
+        return False
+
+    def cuda_runs_on(self, device: int) -> int:
+        return self.runs
+
+
+@pytest.mark.parametrize("runs,capability,expected,auto", [
+    (0, (7, 5), "needs an sm_80 or newer GPU, not Tesla T4 (sm_75)", "triton"),
+    (0, (12, 0), 'not built for Tesla T4 (sm_120): rebuild with TORCH_CUDA_ARCH_LIST="12.0"', "triton"),
+    (1, (9, 0), None, "ext"),
+    (-1, (9, 0), None, "ext"),            # CUDA cannot say: the launch reports its own error
+], ids=["pre-ampere", "not-built-for", "runs", "cannot-ask"])
+def test_cuda_path_without_an_image_for_the_gpu(monkeypatch, runs, capability, expected, auto):
+    """A CUDA build without a kernel image for the GPU (a T4, a GPU newer than the build's
+    architectures) is reported as unavailable there, so ``auto`` takes Triton instead of
+    failing at launch; the answer is asked once per GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla T4")
+    monkeypatch.setattr(ext, "_C", _FakeCudaBuild(runs))
+    ext._cuda_image_reason.cache_clear()
+    try:
+        reason = ext.unavailable_reason(torch.device("cuda:0"))
+        if expected is None:
+            assert reason is None, reason
+            assert dk.available_backends("cuda:0", "2:4")["ext"] is True
+        else:
+            assert expected in reason, reason
+            assert dk.available_backends("cuda:0", "2:4")["ext"] == reason
+        if importlib.util.find_spec("triton") is not None:
+            assert choose_backend("auto", torch.device("cuda:0"), nm=True) == auto
+    finally:
+        ext._cuda_image_reason.cache_clear()      # the real build's answers only from here on
 
 
 @CRASHES_IN_CUDA_BUILD

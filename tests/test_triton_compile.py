@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90 (no GPU needed).
+"""Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, and sm_75 (a T4: where
+the extension's CUDA path cannot run, ``auto`` takes Triton for N:M too) (no GPU needed).
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs Triton's real CUDA
 code generation (TTIR -> TTGIR -> LLVM -> PTX -> cubin via ptxas). It must run with
@@ -88,7 +89,7 @@ CASES = [("select-unstructured", "fp16"), ("select-unstructured-seeded", "fp16")
          ("cycles-nm", "fp32"), ("stats", "fp16")]
 
 
-@pytest.mark.parametrize("cc", [80, 90], ids=lambda cc: f"sm_{cc}")
+@pytest.mark.parametrize("cc", [75, 80, 90], ids=lambda cc: f"sm_{cc}")
 @pytest.mark.parametrize("case,dtype", CASES, ids=[f"{c}-{d}" for c, d in CASES])
 def test_kernel_compiles_for_cuda(case, dtype, cc):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
