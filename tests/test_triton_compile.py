@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("triton")
+TRITON = pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent(r"""
     import json, sys
@@ -107,11 +107,15 @@ def test_kernel_compiles_for_cuda(case, dtype, cc):
 def test_queue_sort_shared_memory(case, dtype, cap):
     """``ops.refine.limit_reason`` bounds ``max_cycle_time`` by the ``[NQ, CAP]`` int64 queue
     sort's shared memory, ``NQ * CAP * 8`` bytes: the sm_90 cubins of both select kernels
-    need exactly that once the sort is their largest shared buffer."""
+    never need more (a launch it lets through fits), and with Triton 3.6 (the GPU machine's)
+    need exactly that once the sort is their largest shared buffer. (Triton 3.9 sorts with
+    less shared memory: the bound is then conservative.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, case, "90", dtype, str(cap)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{case} cap {cap}: compile failed\n{proc.stderr[-4000:]}"
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     nq = 2 if "-nm" in case else 4
-    assert info["shared"] == nq * cap * 8, f"{case} cap {cap}: {info['shared']} B of shared memory"
+    assert info["shared"] <= nq * cap * 8, f"{case} cap {cap}: {info['shared']} B of shared memory"
+    if TRITON.__version__.startswith("3.6."):
+        assert info["shared"] == nq * cap * 8, f"{case} cap {cap}: {info['shared']} B of shared memory"
