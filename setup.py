@@ -22,7 +22,7 @@ setup(
     packages=["dsnot_kernels", "dsnot_kernels.ops", "dsnot_prune"],
     package_dir={"dsnot_prune": "python/dsnot_prune"},
     install_requires=["torch>=2.4"],
-    extras_require={"driver": ["transformers>=4.45", "accelerate", "gguf", "safetensors", "tqdm"]},
+    extras_require={"driver": ["transformers>=4.57", "accelerate", "gguf", "safetensors", "tqdm"]},
     entry_points={"console_scripts": ["dsnot-prune=dsnot_prune.cli:main"]},
     **extension_setup_kwargs(),
 )

@@ -11,6 +11,7 @@ import os
 import random
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 import dsnot_kernels as dk  # noqa: E402
 from dsnot_prune import cli  # noqa: E402
-from dsnot_prune.layerwise import capture, head_logits_nll, propagate  # noqa: E402
+from dsnot_prune.layerwise import _Injector, _Swapped, capture, head_logits_nll, propagate  # noqa: E402
 from dsnot_prune.models import DriverError, find_decoder_layers, find_linears, is_skipped, sublayer_kind  # noqa: E402
 from dsnot_prune.pipeline import PruneArgs, run  # noqa: E402
 
@@ -150,6 +151,57 @@ def test_layerwise_forward_equals_model_forward(kind):
     propagate(layers, cap, torch.device("cpu"))
     got = head_logits_nll(model, layers, batches, cap, torch.device("cpu"))
     assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+class _TypedLayer(torch.nn.Module):
+    """A decoder layer whose model reads an attribute off it (as transformers 4.57's Qwen2
+    reads ``layer.attention_type`` to pick the layer's mask)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.attention_type = "sliding" if index % 2 else "full"
+
+    def forward(self, hidden, scale):
+        return hidden + torch.tanh(self.proj(hidden)) * scale
+
+
+class _TypedLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(16, 8)
+        self.layers = torch.nn.ModuleList(_TypedLayer(i) for i in range(3))
+        self.head = torch.nn.Linear(8, 16)
+
+    def forward(self, input_ids, use_cache=False):
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, {"full": 1.0, "sliding": 0.5}[layer.attention_type])
+        return SimpleNamespace(logits=self.head(hidden))
+
+
+def test_layerwise_forward_reads_the_layers_attributes():
+    """The stand-ins that replace the decoder layers while recording their calls and while
+    running the head answer attribute reads from the layers they replace, and the replaced
+    layers do not move with the rest of the model."""
+    model = _TypedLM()
+    ids = torch.randint(0, 16, (4, 10), generator=torch.Generator().manual_seed(2))
+    batches = list(torch.split(ids, 2))
+    with torch.no_grad():
+        want = [torch.nn.functional.cross_entropy(model(b).logits[:, :-1].transpose(1, 2), b[:, 1:],
+                                                  reduction="none").mean(1).tolist() for b in batches]
+    cap = capture(model, model.layers, batches, torch.device("cpu"))
+    assert [call[0] for call in cap.calls[1]] == [(0.5,), (0.5,)]      # the "sliding" layer's scale
+    propagate(model.layers, cap, torch.device("cpu"))
+    got = head_logits_nll(model, model.layers, batches, cap, torch.device("cpu"))
+    assert got == pytest.approx(sum(want, []), rel=1e-6, abs=1e-6)
+    assert all(isinstance(layer, _TypedLayer) for layer in model.layers)   # put back afterwards
+    stubs = [_Injector(i, 2, lambda: None, False) for i in range(3)]
+    with _Swapped(model, model.layers, stubs, torch.device("cpu")):
+        assert model.layers[1].attention_type == "sliding"
+        # no layer weights in the module tree while swapped: moving the model leaves them
+        assert {name for name, _ in model.named_parameters()} == {"embed.weight", "head.weight", "head.bias"}
 
 
 def test_layer_and_sublayer_discovery():

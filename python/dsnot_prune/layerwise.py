@@ -49,7 +49,22 @@ def _split_hidden(args: tuple, kwargs: dict):
     raise TypeError("a decoder layer was called without hidden states")
 
 
-class _Recorder(nn.Module):
+class _Stub(nn.Module):
+    """A stand-in for a decoder layer. Attributes it lacks are read from the layer it replaces
+    (some models read e.g. ``layer.attention_type`` in their forward), which is kept outside
+    the module tree so that moving the model to the device leaves that layer where it is."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            replaced = self.__dict__.get("_replaced")
+            if replaced is None:
+                raise
+            return getattr(replaced, name)
+
+
+class _Recorder(_Stub):
     def __init__(self, index: int, last: int, sink: "Captured"):
         super().__init__()
         self.index, self.last, self.sink = index, last, sink
@@ -68,7 +83,7 @@ class _Recorder(nn.Module):
         return hidden
 
 
-class _Injector(nn.Module):
+class _Injector(_Stub):
     def __init__(self, index: int, last: int, final: Callable[[], torch.Tensor], as_tuple: bool):
         super().__init__()
         self.index, self.last, self.final, self.as_tuple = index, last, final, as_tuple
@@ -89,6 +104,7 @@ class _Swapped:
     def __enter__(self):
         self.originals = list(self.layers)
         for i, stub in enumerate(self.stubs):
+            stub.__dict__["_replaced"] = self.originals[i]    # not a submodule: see _Stub
             self.layers[i] = stub
         self.model.to(self.device)        # moves everything but the (swapped-out) decoder layers
         return self

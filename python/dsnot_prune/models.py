@@ -83,11 +83,13 @@ def smollm2_dir() -> Path:
 
 
 def _cached_smollm2(log) -> Path:
-    """Safetensors copy of the packaged SmolLM2 in the cache (made once, ~17 s; reloads < 1 s)."""
-    target = cache_dir() / "models" / SMOLLM2_CACHE_NAME
+    """Safetensors copy of the packaged SmolLM2 in the cache (made once, ~17 s; reloads < 1 s),
+    one per transformers major version: a tokenizer saved by transformers 5 does not load in 4."""
+    tf = _transformers()
+    major = str(tf.__version__).split(".")[0]
+    target = cache_dir() / "models" / f"{SMOLLM2_CACHE_NAME}-transformers{major}"
     if (target / "config.json").is_file():
         return target
-    tf = _transformers()
     src = smollm2_dir()
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
