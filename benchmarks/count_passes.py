@@ -97,8 +97,9 @@ def main(argv=None) -> int:
                 r = count_passes(rows, cols, pattern, programs, select=args.select)
                 print(f"{r['shape']} {args.select} {pattern:>12} programs={programs:3d} ({rows / programs:.1f} rows each): "
                       f"queue probe passes/row {r['queue_probe_passes']:.2f}, tie passes/row "
-                      f"{r['queue_tie_passes']:.2f}; k-th probe passes/row {r['kth_probe_passes']:.2f}, "
-                      f"k-th endgame passes/row {r['kth_endgame_passes']:.2f}", flush=True)
+                      f"{r['queue_tie_passes']:.2f}; k-th probe passes/row {r['kth_probe_passes']:.2f}"
+                      + (f", k-th endgame passes/row {r['kth_endgame_passes']:.2f}"   # (no endgame: rows)
+                         if args.select == "stream" else ""), flush=True)
     return 0
 
 

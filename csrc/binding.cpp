@@ -234,8 +234,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_cuda_unstructured", []() { return dsnot_has_cuda_unstructured() != 0; },
         "True if built with the CUDA path for unstructured problems");
   m.def("has_cuda", []() { return dsnot_nm_has_cuda() != 0; }, "True if built with the CUDA path");
-  m.def("cuda_runs_on", [](int device) { return dsnot_nm_cuda_runs_on(device); },
-        "1 if CUDA device `device` can run the CUDA path's kernels, 0 if the build has no image "
-        "for its architecture (or no CUDA path), -1 if the device cannot be queried",
-        pybind11::arg("device"));
+  m.def("cuda_probe",
+        []() { const int code = dsnot_nm_cuda_probe(); return pybind11::make_tuple(code, dsnot_nm_cuda_error_string(code)); },
+        "(code, message): code 0 if the current CUDA device can run the CUDA path's kernels, else "
+        "the CUDA error of looking them up (-1 without a CUDA path); see csrc/dsnot_nm.h");
 }

@@ -107,11 +107,15 @@ int dsnot_nm_refine_cuda(const dsnot_nm_problem* problem, const dsnot_nm_output*
 // 1 if this build contains the CUDA path (N:M).
 int dsnot_nm_has_cuda(void);
 
-// Whether CUDA device `device` can run this build's kernels: 1 if the binary holds an image it
-// loads (a cubin for its architecture, or PTX it compiles), 0 if not (e.g. a pre-Ampere GPU:
-// the kernels need sm_80), -1 if the device cannot be queried; 0 in a build without CUDA.
-// Restores the calling thread's current device and leaves no CUDA error of its own behind.
-int dsnot_nm_cuda_runs_on(int device);
+// Whether the current CUDA device can run this build's kernels: 0 (cudaSuccess) if the binary
+// holds an image it loads (a cubin for its architecture, or PTX the driver compiles for it),
+// else the cudaError_t that looking the kernel up gave (e.g. no image for a pre-Ampere GPU:
+// the kernels need sm_80; PTX newer than the driver); -1 in a build without CUDA. It neither
+// switches devices nor leaves an error of its own for a later cudaGetLastError.
+int dsnot_nm_cuda_probe(void);
+
+// cudaGetErrorString of a code from dsnot_nm_cuda_probe ("no CUDA path" without CUDA).
+const char* dsnot_nm_cuda_error_string(int code);
 
 // 1 if this build's CUDA path also handles unstructured problems (else dsnot_nm_refine_cuda
 // answers DSNOT_UNSUPPORTED for them).

@@ -410,7 +410,8 @@ extern "C" const char* dsnot_status_string(int status) {
 #ifndef DSNOT_WITH_CUDA
 // Built without CUDA: the CUDA entry points exist so that the binding links, and say so.
 extern "C" int dsnot_nm_has_cuda(void) { return 0; }
-extern "C" int dsnot_nm_cuda_runs_on(int) { return 0; }
+extern "C" int dsnot_nm_cuda_probe(void) { return -1; }
+extern "C" const char* dsnot_nm_cuda_error_string(int) { return "no CUDA path"; }
 extern "C" int dsnot_has_cuda_unstructured(void) { return 0; }
 extern "C" size_t dsnot_nm_cuda_workspace_bytes(int64_t, int64_t, int32_t) { return 0; }
 extern "C" int dsnot_nm_refine_cuda(const dsnot_nm_problem*, const dsnot_nm_output*, void*, size_t,

@@ -465,25 +465,19 @@ int64_t queue_depth(int64_t cols, int32_t cycles) { return cycles < cols ? cycle
 
 extern "C" int dsnot_nm_has_cuda(void) { return 1; }
 
-extern "C" int dsnot_nm_cuda_runs_on(int device) {
-  int previous = 0;
-  if (cudaGetDevice(&previous) != cudaSuccess) {
-    cudaGetLastError();  // (clear what this query set)
-    return -1;
-  }
-  if (device != previous && cudaSetDevice(device) != cudaSuccess) {
-    cudaGetLastError();
-    return -1;
-  }
-  // The runtime looks up the kernel's image for the current device: every instantiation is
-  // compiled for the same architectures, so one answers for all.
+extern "C" int dsnot_nm_cuda_probe(void) {
+  // The runtime looks the kernel's image up for the current device (loading or JIT-compiling
+  // it): every instantiation is compiled for the same architectures, so one answers for all.
   cudaFuncAttributes attributes;
   const cudaError_t err = cudaFuncGetAttributes(&attributes, dsnot::nm_refine_kernel<0>);
-  if (device != previous) cudaSetDevice(previous);
-  if (err != cudaSuccess) cudaGetLastError();
-  if (err == cudaSuccess) return 1;
-  return err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction ? 0 : -1;
+  if (err != cudaSuccess) cudaGetLastError();  // (a lookup error is not sticky: clear it)
+  return (int)err;
 }
+
+extern "C" const char* dsnot_nm_cuda_error_string(int code) {
+  return cudaGetErrorString((cudaError_t)code);
+}
+
 extern "C" int dsnot_has_cuda_unstructured(void) { return 0; }
 
 extern "C" size_t dsnot_nm_cuda_workspace_bytes(int64_t rows, int64_t cols, int32_t cycles) {

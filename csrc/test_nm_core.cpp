@@ -276,30 +276,31 @@ static void test_threads() {
   EXPECT(total > 0, "no swaps at all on a random layer");
 }
 
-// dsnot_nm_cuda_runs_on: never 1 without a CUDA path or a device; 1 on a GPU this build targets
-// (sm_80 or newer); it restores the current device and leaves no error behind.
-static void test_cuda_runs_on() {
+// dsnot_nm_cuda_probe: never 0 (runs) without a CUDA path or a device; 0 on a GPU this build
+// targets (sm_80 or newer), the CUDA error otherwise; no error left behind, device unchanged.
+static void test_cuda_probe() {
 #ifdef DSNOT_WITH_CUDA
   int devices = 0;
   const bool have_gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
   cudaGetLastError();
-  const int runs = dsnot_nm_cuda_runs_on(0);
-  if (!have_gpu) {
-    EXPECT(runs == -1, "no CUDA device, yet cuda_runs_on(0) = %d", runs);
+  int before = -1;
+  if (have_gpu) cudaGetDevice(&before);
+  const int code = dsnot_nm_cuda_probe();
+  EXPECT(dsnot_nm_cuda_error_string(code) != nullptr, "no message for code %d", code);
+  if (!have_gpu) {   // (then CUDA's own initialisation error stays: every call returns it)
+    EXPECT(code != 0, "no CUDA device, yet the probe says the kernels run");
     return;
   }
+  EXPECT(cudaGetLastError() == cudaSuccess, "the probe left a CUDA error behind (code %d)", code);
   cudaDeviceProp prop;
-  cudaGetDeviceProperties(&prop, 0);
-  int current = -1;
-  cudaGetDevice(&current);
-  EXPECT(runs == (prop.major >= 8 ? 1 : 0), "sm_%d%d: cuda_runs_on(0) = %d", prop.major, prop.minor, runs);
-  EXPECT(dsnot_nm_cuda_runs_on(devices) == -1, "cuda_runs_on(past the last device) should be -1");
+  cudaGetDeviceProperties(&prop, before);
   int after = -1;
   cudaGetDevice(&after);
-  EXPECT(after == current, "cuda_runs_on changed the current device %d -> %d", current, after);
-  EXPECT(cudaGetLastError() == cudaSuccess, "cuda_runs_on left a CUDA error behind");
+  EXPECT(after == before, "the probe changed the current device %d -> %d", before, after);
+  EXPECT((code == 0) == (prop.major >= 8), "sm_%d%d: probe code %d (%s)", prop.major, prop.minor, code,
+         dsnot_nm_cuda_error_string(code));
 #else
-  EXPECT(dsnot_nm_cuda_runs_on(0) == 0, "a build without CUDA claims its CUDA path runs");
+  EXPECT(dsnot_nm_cuda_probe() == -1, "a build without CUDA claims a CUDA probe result");
 #endif
 }
 
@@ -373,7 +374,7 @@ int main() {
   test_unstructured_hand_cases();
   test_conversions();
   test_threads();
-  test_cuda_runs_on();
+  test_cuda_probe();
 #ifdef DSNOT_WITH_CUDA
   test_cuda_matches_cpu();
 #endif

@@ -62,25 +62,49 @@ def unavailable_reason(device: torch.device, nm: bool = True) -> Optional[str]:
             return "dsnot_kernels._C's CUDA path implements N:M patterns only (unstructured runs on CPU tensors)"
         if not torch.cuda.is_available():
             return f"CUDA is not available here (torch {torch.__version__})"
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        try:
+            torch.cuda.init()        # torch, not the extension, starts CUDA (lazy loading, fork checks)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+        except Exception as exc:  # noqa: BLE001 - e.g. CUDA in a forked subprocess
+            return f"CUDA cannot be used here: {type(exc).__name__}: {exc}"
+        if index >= torch.cuda.device_count():
+            return f"there is no {device} here ({torch.cuda.device_count()} CUDA devices)"
         return _cuda_image_reason(index)
     return f"dsnot_kernels._C has no path for device {device}"
 
 
+# cudaError_t values of looking a kernel up on a GPU that cannot run it: no image for it
+# (cudaErrorInvalidDeviceFunction, cudaErrorNoKernelImageForDevice), or PTX the driver cannot
+# compile (cudaErrorInvalidKernelImage, cudaErrorInvalidPtx, cudaErrorJitCompilerNotFound,
+# cudaErrorUnsupportedPtxVersion)
+_NO_IMAGE = frozenset({98, 209})
+_PTX_NOT_LOADED = frozenset({200, 218, 221, 222})
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_image_reason(index: int) -> Optional[str]:
-    """Why the CUDA path cannot run on GPU ``index`` (its build holds no kernel image that GPU
-    loads: pre-Ampere GPUs, or architectures left out of ``TORCH_CUDA_ARCH_LIST``), else None.
-    Asked once per GPU: ``auto`` then takes another backend instead of failing at launch."""
-    runs_on = getattr(_C, "cuda_runs_on", None)
-    if runs_on is None or runs_on(index) != 0:   # an older build cannot tell; -1: CUDA's own error
+    """Why the CUDA path cannot run on GPU ``index`` (the build holds no kernel image that GPU
+    loads: a pre-Ampere GPU, an architecture left out of ``TORCH_CUDA_ARCH_LIST``, PTX newer
+    than the driver), else None. Asked once per GPU: ``auto`` then takes another backend
+    instead of failing at launch."""
+    probe = getattr(_C, "cuda_probe", None)
+    if probe is None:                    # an older build cannot tell: its launch will
+        return None
+    with torch.cuda.device(index):       # torch's device guard switches (and restores) devices
+        code, message = probe()
+    if code == 0:
         return None
     major, minor = torch.cuda.get_device_capability(index)
     gpu = f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
     if major < 8:
         return f"dsnot_kernels._C's CUDA path needs an sm_80 or newer GPU, not {gpu}"
-    return (f"dsnot_kernels._C's CUDA path was not built for {gpu}: rebuild with "
-            f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" pip install --no-build-isolation -e .")
+    rebuild = f'TORCH_CUDA_ARCH_LIST="{major}.{minor}" pip install --no-build-isolation -e .'
+    if code in _NO_IMAGE:
+        return f"dsnot_kernels._C's CUDA path was not built for {gpu}: rebuild with {rebuild}"
+    if code in _PTX_NOT_LOADED:
+        return (f"the NVIDIA driver cannot compile dsnot_kernels._C's CUDA code (PTX) for {gpu} "
+                f"({message}): update the driver, or rebuild with {rebuild}")
+    return f"dsnot_kernels._C's CUDA kernels cannot be loaded on {gpu}: CUDA error {code} ({message})"
 
 
 _ERRORS = {"TypeError": TypeError, "ValueError": ValueError}

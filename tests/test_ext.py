@@ -10,6 +10,7 @@ DSNOT_BUILD_EXT=1 says it must be there.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -250,11 +251,11 @@ def test_reasons():
 
 
 class _FakeCudaBuild:
-    """Stands in for a CUDA build of ``_C`` whose kernels do (1) or do not (0) have an image for
-    the GPU, or cannot ask it (-1)."""
+    """Stands in for a CUDA build of ``_C`` whose probe of the current GPU answers ``code``
+    (0: its kernels run there; else the CUDA error of looking them up)."""
 
-    def __init__(self, runs: int) -> None:
-        self.runs = runs
+    def __init__(self, code: int) -> None:
+        self.code, self.probes = code, 0
 
     def has_cuda(self) -> bool:
         return True
@@ -262,24 +263,30 @@ class _FakeCudaBuild:
     def has_cuda_unstructured(self) -> bool:
         return False
 
-    def cuda_runs_on(self, device: int) -> int:
-        return self.runs
+    def cuda_probe(self):
+        self.probes += 1
+        return self.code, f"error {self.code}"
 
 
-@pytest.mark.parametrize("runs,capability,expected,auto", [
-    (0, (7, 5), "needs an sm_80 or newer GPU, not Tesla T4 (sm_75)", "triton"),
-    (0, (12, 0), 'not built for Tesla T4 (sm_120): rebuild with TORCH_CUDA_ARCH_LIST="12.0"', "triton"),
-    (1, (9, 0), None, "ext"),
-    (-1, (9, 0), None, "ext"),            # CUDA cannot say: the launch reports its own error
-], ids=["pre-ampere", "not-built-for", "runs", "cannot-ask"])
-def test_cuda_path_without_an_image_for_the_gpu(monkeypatch, runs, capability, expected, auto):
-    """A CUDA build without a kernel image for the GPU (a T4, a GPU newer than the build's
-    architectures) is reported as unavailable there, so ``auto`` takes Triton instead of
-    failing at launch; the answer is asked once per GPU."""
+@pytest.mark.parametrize("code,capability,expected,auto", [
+    (209, (7, 5), "needs an sm_80 or newer GPU, not Tesla T4 (sm_75)", "triton"),
+    (209, (12, 0), 'not built for Tesla T4 (sm_120): rebuild with TORCH_CUDA_ARCH_LIST="12.0"', "triton"),
+    (222, (12, 0), "the NVIDIA driver cannot compile", "triton"),      # PTX newer than the driver
+    (999, (9, 0), "cannot be loaded on Tesla T4 (sm_90): CUDA error 999", "triton"),
+    (0, (9, 0), None, "ext"),
+], ids=["pre-ampere", "not-built-for", "ptx-too-new", "other-error", "runs"])
+def test_cuda_path_without_an_image_for_the_gpu(monkeypatch, code, capability, expected, auto):
+    """A CUDA build whose kernels cannot be loaded on the GPU (a T4; a GPU newer than the
+    build's architectures; PTX the driver cannot compile) is reported as unavailable there, so
+    ``auto`` takes Triton instead of failing at launch; the probe runs once per GPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla T4")
-    monkeypatch.setattr(ext, "_C", _FakeCudaBuild(runs))
+    fake = _FakeCudaBuild(code)
+    monkeypatch.setattr(ext, "_C", fake)
     ext._cuda_image_reason.cache_clear()
     try:
         reason = ext.unavailable_reason(torch.device("cuda:0"))
@@ -289,8 +296,11 @@ def test_cuda_path_without_an_image_for_the_gpu(monkeypatch, runs, capability, e
         else:
             assert expected in reason, reason
             assert dk.available_backends("cuda:0", "2:4")["ext"] == reason
+        assert fake.probes == 1                                  # asked once for this GPU
+        assert "no cuda:2 here" in ext.unavailable_reason(torch.device("cuda:2"))
         if importlib.util.find_spec("triton") is not None:
             assert choose_backend("auto", torch.device("cuda:0"), nm=True) == auto
+        assert fake.probes == 1
     finally:
         ext._cuda_image_reason.cache_clear()      # the real build's answers only from here on
 
