@@ -25,8 +25,8 @@ def _run(cmd, cwd, timeout):
     return proc.stdout + proc.stderr
 
 
-@pytest.mark.skipif(CMAKE is None, reason="cmake is not installed")
-def test_cmake_build_and_ctest(tmp_path):
+def _build(tmp_path) -> Path:
+    """Configure and build the core (+ its CUDA path when nvcc is found); the build folder."""
     build = tmp_path / "build"
     configure = [CMAKE, "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
     if shutil.which("ninja"):
@@ -40,7 +40,23 @@ def test_cmake_build_and_ctest(tmp_path):
         assert objects, "nm_refine_cuda.cu was not compiled"
         blob = objects[0].read_bytes()   # the fatbinary names its ELF targets
         assert b"sm_80" in blob and b"sm_90" in blob, "expected cubins for sm_80 and sm_90"
+    return build
+
+
+@pytest.mark.skipif(CMAKE is None, reason="cmake is not installed")
+def test_cmake_build_and_ctest(tmp_path):
+    build = _build(tmp_path)
     out = _run([shutil.which("ctest") or "ctest", "--test-dir", str(build), "--output-on-failure"],
                ROOT, timeout=300)
     assert "100% tests passed" in out, out
     print(out, file=sys.stderr)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CMAKE is None or shutil.which("nvcc") is None, reason="needs cmake and nvcc")
+def test_core_cuda_checks_run_on_the_gpu(tmp_path):
+    """On a GPU machine the C++ test's CUDA cases really run (not skipped): the CUDA path
+    against the CPU path on random layers, and dsnot_nm_cuda_probe on this GPU."""
+    build = _build(tmp_path)
+    out = _run([str(build / "test_nm_core")], ROOT, timeout=300)
+    assert "skip: no CUDA device" not in out and "all nm core checks passed" in out, out
