@@ -47,10 +47,11 @@ def counting_calls():
 
 
 def count_passes(rows: int, cols: int, pattern: str = "unstructured", programs: int = 3,
-                 chunk: int = 1024, select: str = "stream") -> dict:
+                 chunk: int = 1024, select: str = "stream", kth_endgame_cols: int = 0) -> dict:
     """Passes per row of ``refine_triton(select=select)`` on ``make_problem(rows, cols)``
     (60% unstructured or N:M) with ``programs`` programs looping over the rows (``"rows"``:
-    the persistent row kernel, unstructured only); raises if it differs from torch."""
+    the persistent row kernel, unstructured only; ``kth_endgame_cols``: the streamed
+    kernel's register endgame, 0 = none); raises if it differs from torch."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("count_passes needs TRITON_INTERPRET=1 before triton is imported")
     from dsnot_kernels.ops import refine as launcher
@@ -61,7 +62,8 @@ def count_passes(rows: int, cols: int, pattern: str = "unstructured", programs: 
     launcher._stream_programs = lambda device, per_sm: programs
     try:
         with counting_calls() as calls:
-            knobs = dict(chunk=chunk) if select == "stream" else dict(row_programs_per_sm=1)
+            knobs = (dict(chunk=chunk, kth_endgame_cols=kth_endgame_cols) if select == "stream"
+                     else dict(row_programs_per_sm=1))
             out = launcher.refine_triton(problem, select=select, **knobs)
     finally:
         launcher._stream_programs = saved
@@ -86,6 +88,9 @@ def main(argv=None) -> int:
     parser.add_argument("--patterns", default="unstructured,2:4")
     parser.add_argument("--programs", default="3,12", help="comma-separated program counts")
     parser.add_argument("--select", default="stream", choices=("stream", "rows"))
+    parser.add_argument("--kth-endgame-cols", type=int, default=0,
+                        help="streamed kernel: finish the k-th search in registers below this "
+                             "bracket size (0 = never, the default; 64 = the old default)")
     args = parser.parse_args(argv)
     for shape in args.shapes.split(","):
         try:
@@ -94,7 +99,8 @@ def main(argv=None) -> int:
             parser.error(f"--shapes entries must be ROWSxCOLS, got {shape!r}")
         for pattern in args.patterns.split(","):
             for programs in (int(p) for p in args.programs.split(",")):
-                r = count_passes(rows, cols, pattern, programs, select=args.select)
+                r = count_passes(rows, cols, pattern, programs, select=args.select,
+                                 kth_endgame_cols=args.kth_endgame_cols)
                 print(f"{r['shape']} {args.select} {pattern:>12} programs={programs:3d} ({rows / programs:.1f} rows each): "
                       f"queue probe passes/row {r['queue_probe_passes']:.2f}, tie passes/row "
                       f"{r['queue_tie_passes']:.2f}; k-th probe passes/row {r['kth_probe_passes']:.2f}"

@@ -36,9 +36,10 @@ dest="${OUT:-/tmp}/gpu_session"
 mkdir -p "$dest"
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 # the A/B the next decisions need: at in = 4096 unstructured the row kernel (auto) vs the same
-# kernel persistent with the seeded k-th search vs the streamed kernel (seeded) at 4 warps and
-# as a warp per row; joint vs serial queue search
-VARIANTS="${VARIANTS-select=rows,row_programs_per_sm=1;select=stream;select=stream,num_warps=1,chunk=128,programs_per_sm=16;queue_search=serial}"
+# kernel persistent with the seeded k-th search vs the streamed kernel (seeded) at 4 warps,
+# with its k-th search's register endgame (off by default since 2026-12-01) and as a warp per
+# row; joint vs serial queue search
+VARIANTS="${VARIANTS-select=rows,row_programs_per_sm=1;select=stream;select=stream,kth_endgame_cols=64;select=stream,num_warps=1,chunk=128,programs_per_sm=16;queue_search=serial}"
 BUDGET_S="${BUDGET_S:-480}"
 started=$SECONDS
 

@@ -18,85 +18,39 @@ import pytest
 
 TRITON = pytest.importorskip("triton")
 
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+# in a subprocess with TRITON_INTERPRET unset; the kernels' signatures, constants and options
+# are benchmarks/aot_kernels.py's (one place, shared with its SASS census)
 SCRIPT = textwrap.dedent(r"""
     import json, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from dsnot_kernels.ops.refine_cycles import cycles_kernel
-    from dsnot_kernels.ops.refine_select import select_kernel
-    from dsnot_kernels.ops.refine_select_stream import select_stream_kernel
-    from dsnot_kernels.ops.stats_kernel import stats_kernel
+    sys.path.insert(0, sys.argv[1])
+    from aot_kernels import compile_case
 
-    case, cc = sys.argv[1], int(sys.argv[2])
-    W = "*" + sys.argv[3]
-    cap = int(sys.argv[4]) if len(sys.argv) > 4 else 128
-    if case.startswith("stream"):
-        fn, warps = select_stream_kernel, 1 if case.endswith("-1warp") else 4
-        sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
-                   iscore_ptr="*fp32", imask_ptr="*u8", mask_ptr="*u8", e0_ptr="*fp64",
-                   queue_ptr="*i32", qd_ptr="*fp32", qa_ptr="*fp32", key_ptr="*i32", set_ptr="*i8",
-                   scratch_ptr="*i64", rows="i32", cols="i32", stride_w="i32", stride_is="i32",
-                   stride_im="i32", stride_m="i32", pruned_per_row="i32", depth="i32")
-        nm = case.startswith("stream-nm")
-        const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, MPAD=4 if nm else 16384,
-                     HAS_MASK=False, HAS_SCORE=False, NQ=2 if nm else 4, TPAD=64, CAP=cap,
-                     STORE_A=not nm, CHUNK=128 if case.endswith(("-narrow", "-1warp")) else 1024,
-                     JOINT=not case.endswith("-serial"), SMALL=64)
-    elif case.startswith("select"):
-        fn, warps = select_kernel, 8
-        sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
-                   iscore_ptr="*fp32", imask_ptr="*u8", mask_ptr="*u8", e0_ptr="*fp64",
-                   queue_ptr="*i32", qd_ptr="*fp32", qa_ptr="*fp32", scratch_ptr="*i64", rows="i32", cols="i32", stride_w="i32",
-                   stride_is="i32", stride_im="i32", stride_m="i32", pruned_per_row="i32", depth="i32")
-        nm = case.startswith("select-nm")
-        const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, GPAD=1024 if nm else 1,
-                     MPAD=4 if nm else 4096, HAS_MASK=False, HAS_SCORE=False,
-                     NQ=2 if nm else 4, TPAD=64, CAP=cap, STORE_A=not nm,
-                     JOINT=not case.endswith("-serial"), SEEDED=case.endswith("-seeded"))
-    elif case.startswith("cycles"):
-        fn, warps = cycles_kernel, 4
-        sig = dict(w_ptr=W, s_ptr="*fp32", sq_ptr="*fp32", scale_ptr="*fp32", iscore_ptr="*fp32",
-                   params_ptr="*fp64", mask_ptr="*u8", e_ptr="*fp64", queue_ptr="*i32",
-                   qd_ptr="*fp32", qa_ptr="*fp32",
-                   swaps_ptr="*i32", e_before_ptr="*fp32", e_out_ptr="*fp32", rows="i32", cols="i32", stride_w="i32",
-                   stride_is="i32", stride_m="i32", cycles="i32")
-        nm = case == "cycles-nm"
-        const = dict(IS_NM=nm, M=4 if nm else 1, MPAD=4 if nm else 1, HAS_SCORE=False,
-                     SIGN_CHECK=True, IMPROVE_CHECK=True, MOMENT_CHECK=True,
-                     NQ=2 if nm else 4, TPAD=64, HPAD=64 if nm else 1, BLOCK_R=4 if nm else 128)
-    else:
-        fn, warps = stats_kernel, 4
-        sig = dict(x_ptr=W, out_ptr="*fp64", seq="i32", width="i32", stride_b="i32", stride_t="i32")
-        const = dict(BLOCK_T=32, BLOCK_C=64)
-    sig.update({k: "constexpr" for k in const})
-    options = dict(num_warps=warps, enable_fp_fusion=False)
-    if case.startswith("stream-unstructured") and warps >= 4:
-        from dsnot_kernels.ops.refine import STREAM_MAXNREG
-        options["maxnreg"] = STREAM_MAXNREG           # as the launcher caps it
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
-                       target=GPUTarget("cuda", cc, 32), options=options)
+    case, cc, dtype, cap = sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    k = compile_case(case, cc, dtype, cap, jit_like=False)
     ptx = k.asm["ptx"]
     print(json.dumps(dict(ptx=len(ptx), cubin=len(k.asm["cubin"]), target=f".target sm_{cc}" in ptx,
                           local=ptx.count("st.local"), shared=k.metadata.shared)))
 """)
 
-CASES = [("select-unstructured", "fp16"), ("select-unstructured-seeded", "fp16"), ("select-nm", "bf16"), ("stream-unstructured", "fp16"),
-         ("stream-nm", "bf16"), ("select-unstructured-serial", "fp16"), ("stream-nm-serial", "bf16"),
-         ("stream-unstructured-narrow", "fp16"), ("stream-unstructured-1warp", "fp16"),
-         ("stream-nm-1warp", "bf16"),
-         ("cycles-unstructured", "fp16"),
-         ("cycles-nm", "fp32"), ("stats", "fp16")]
+
+def _compile(case: str, cc: int, dtype: str, cap: int = 128) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, BENCH_DIR, case, str(cc), dtype, str(cap)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{case} sm_{cc} cap {cap}: compile failed\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+sys.path.insert(0, BENCH_DIR)
+from aot_kernels import CASES  # noqa: E402  (case -> weight dtype; imports no Triton)
 
 
 @pytest.mark.parametrize("cc", [75, 80, 90], ids=lambda cc: f"sm_{cc}")
-@pytest.mark.parametrize("case,dtype", CASES, ids=[f"{c}-{d}" for c, d in CASES])
+@pytest.mark.parametrize("case,dtype", list(CASES.items()), ids=[f"{c}-{d}" for c, d in CASES.items()])
 def test_kernel_compiles_for_cuda(case, dtype, cc):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, case, str(cc), dtype], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{case} sm_{cc}: compile failed\n{proc.stderr[-4000:]}"
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = _compile(case, cc, dtype)
     assert info["ptx"] > 0 and info["cubin"] > 0, info
     assert info["target"], f"PTX not for sm_{cc}: {info}"
 
@@ -110,12 +64,38 @@ def test_queue_sort_shared_memory(case, dtype, cap):
     never need more (a launch it lets through fits), and with Triton 3.6 (the GPU machine's)
     need exactly that once the sort is their largest shared buffer. (Triton 3.9 sorts with
     less shared memory: the bound is then conservative.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, case, "90", dtype, str(cap)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{case} cap {cap}: compile failed\n{proc.stderr[-4000:]}"
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = _compile(case, 90, dtype, cap)
     nq = 2 if "-nm" in case else 4
     assert info["shared"] <= nq * cap * 8, f"{case} cap {cap}: {info['shared']} B of shared memory"
     if TRITON.__version__.startswith("3.6."):
         assert info["shared"] == nq * cap * 8, f"{case} cap {cap}: {info['shared']} B of shared memory"
+
+
+def test_sass_census(tmp_path):
+    """``benchmarks/aot_kernels.py`` (the census a session without a GPU reads): compiled as a
+    launch on LLaMA shapes compiles them (arguments divisible by 16), the streamed unstructured
+    kernel stays within its register cap without spilling, the census finds its passes (the
+    innermost loops) and attributes them to kernel functions, and it tells the default k-th
+    search from the one with the register endgame (whose compaction pass is a scan with
+    barriers)."""
+    from dsnot_kernels.ops.refine import STREAM_MAXNREG
+    out = tmp_path / "census.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "aot_kernels.py"), "--cases",
+                           "stream-unstructured,stream-unstructured-endgame", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    default, endgame = json.loads(out.read_text())
+    assert "stream-unstructured (fp16, sm_90)" in proc.stdout
+    for info in (default, endgame):
+        assert 0 < info["registers"] <= STREAM_MAXNREG, info["registers"]
+        assert len(info["loops"]) >= 5, info["loops"]
+        functions = " ".join(" ".join(loop["origins"]) for loop in info["loops"])
+        assert "_joint_search" in functions and "_compact_joint" in functions, functions
+    assert default["spills"] == 0 and default["stack"] == 0, default
+    assert not any("_compact " in " ".join(loop["origins"]) for loop in default["loops"])
+    assert any("_compact " in " ".join(loop["origins"]) for loop in endgame["loops"])
+    assert endgame["barriers"] > default["barriers"], (endgame["barriers"], default["barriers"])
+    bad = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "aot_kernels.py"), "--cases", "nope"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--cases" in bad.stderr

@@ -14,8 +14,8 @@ Per row:
 
 1. unstructured, no given mask: keys = ordered_int32(init score) -> the exact ``k``-th key
    by :func:`_kth_search` (interpolation/bisection on streamed counts, seeded from the
-   program's previous row, finished in registers once the bracket holds <= ``SMALL``
-   columns; tie split by column);
+   program's previous row; optionally finished in registers once the bracket holds <=
+   ``SMALL`` columns; tie split by column);
 2. one pass per chunk: the initial mask (threshold / given mask / N:M group rank) is written,
    ``e0 = Σ_{pruned} (double) D`` accumulated, and each weight's queue id and queue key stored
    (``D = w*S``, ``G = div_rn(D, V^p)``, ``A = |w|*sqrt(Q)``):
@@ -31,9 +31,10 @@ Per row:
    line; then one ``[NQ, CAP]`` ``tl.sort`` and the first ``TPAD`` entries written with their
    ``D`` (and ``A``), ``-1`` past the end.
 
-Passes over the line per row (unstructured, no given mask): 1 key pass, ~3.4 for the exact
-``k``-th key (1 stats pass with the two seed counts, ~1.5 probes, 1 endgame pass: counted under
-the interpreter on 48 benchmark rows of 4096 columns; ~11 unseeded, without the endgame),
+Passes over the line per row (unstructured, no given mask): 1 key pass, then for the exact
+``k``-th key 1 stats pass with the two seed counts and ~7.1 probes (40 benchmark rows of 4096
+columns at 60%, 4 rows per program, counted under the interpreter; ~10.4 for a program's
+first row; with a 64-column endgame ~3.0 probes and one endgame pass),
 1 mask/queue-key pass, then joint: 1 + max over queues of the probes + 1, the probes ~6.5
 for a program's first row and ~0.4 for its later ones (``benchmarks/count_passes.py``: 1.4
 per row at 16 rows per program, 1.9 at 4; 2:4: 5.9 unseeded, 0.8 and 1.7); serial: the sum
@@ -165,11 +166,15 @@ def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexp
       mean score) and the stats pass also counts at ``seed -+ spread``, which usually brackets
       the answer tightly before the first probe (any seed gives the same answer: seeds are
       only probes, used when they fall inside the bracket);
-    - an *endgame*: once the bracket ``(lo, hi]`` holds at most ``SMALL`` columns, one pass
-      copies their keys to the scratch ``lines`` and :func:`._common.threshold32` picks the
-      wanted one in registers (ties by column included) instead of probing the line on.
+    - an optional *endgame* (``SMALL > 0``, the launcher's ``kth_endgame_cols``; off by
+      default): once the bracket ``(lo, hi]`` holds at most ``SMALL`` columns, one pass copies
+      their keys to the scratch ``lines`` and :func:`._common.threshold32` picks the wanted one
+      in registers (ties by column included) instead of probing the line on. It saves ~4
+      probes per row but its pass is a scan: ~9x a probe pass's instructions and 12x its
+      barriers in the sm_90 code (``benchmarks/aot_kernels.py``), so it is off until a GPU
+      says otherwise.
 
-    A tie block wider than ``SMALL`` ends in :func:`_search`'s tie split.
+    A tie block at the final key (wider than ``SMALL``) ends in :func:`_search`'s tie split.
     """
     t_lo, t_hi = seed_probes(seed, spread)
     # the stats pass walks narrower tiles: five accumulators
@@ -193,24 +198,25 @@ def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexp
         n, vmin, vmax, c1, c2, t_lo, t_hi, k, k, use_seed)
     lo, hi, c_lo, c_hi, tv, searching = _probe_line(keys, keys, cols, 0, lo, hi, c_lo, c_hi, tv, searching,
                                                     target, bisect, lo_count, hi_count, False, CHUNK, SMALL)
-    if searching & (c_hi - c_lo <= SMALL):
-        # endgame: the few columns in (lo, hi], packed (key, column), ranked in registers
-        _compact(keys, keys, lines, cols, 0, lo, hi.to(tl.int32), INT32_MAX, False, False, CHUNK)
-        tl.debug_barrier()                      # the packed keys are visible to every thread
-        slot = tl.arange(0, SMALL)
-        live = slot < (c_hi - c_lo)
-        packed = tl.load(lines + slot, mask=live, other=0)
-        v = (packed >> 32).to(tl.int32)
-        col = ((packed & 0xFFFFFFFF) - 2147483648).to(tl.int32)      # (queue_key's tie offset)
-        need = (k - c_lo).to(tl.int32)
-        sv, st = threshold32(v, col, live, need, need)
-        # the largest selected pair is the line-wide threshold (all need <= live candidates may
-        # be selected, where threshold32 answers "all" with INT32_MAX)
-        sel = live & ((v < sv) | ((v == sv) & (col <= st)))
-        tv = tl.max(tl.where(sel, v, INT32_MIN), axis=0)
-        tt = tl.max(tl.where(sel & (v == tv), col, INT32_MIN), axis=0)
-        tl.debug_barrier()                      # read before the lines are reset
-        searching = False
+    if SMALL > 0:                               # (a compile-time choice: no endgame code otherwise)
+        if searching & (c_hi - c_lo <= SMALL):
+            # endgame: the few columns in (lo, hi], packed (key, column), ranked in registers
+            _compact(keys, keys, lines, cols, 0, lo, hi.to(tl.int32), INT32_MAX, False, False, CHUNK)
+            tl.debug_barrier()                      # the packed keys are visible to every thread
+            slot = tl.arange(0, SMALL)
+            live = slot < (c_hi - c_lo)
+            packed = tl.load(lines + slot, mask=live, other=0)
+            v = (packed >> 32).to(tl.int32)
+            col = ((packed & 0xFFFFFFFF) - 2147483648).to(tl.int32)      # (queue_key's tie offset)
+            need = (k - c_lo).to(tl.int32)
+            sv, st = threshold32(v, col, live, need, need)
+            # the largest selected pair is the line-wide threshold (all need <= live candidates may
+            # be selected, where threshold32 answers "all" with INT32_MAX)
+            sel = live & ((v < sv) | ((v == sv) & (col <= st)))
+            tv = tl.max(tl.where(sel, v, INT32_MIN), axis=0)
+            tt = tl.max(tl.where(sel & (v == tv), col, INT32_MIN), axis=0)
+            tl.debug_barrier()                      # read before the lines are reset
+            searching = False
     # (a tie block at key hi wider than SMALL straddles the count: split by column)
     return _split_ties(keys, keys, cols, 0, lo, hi, c_lo, tv, tt, searching, lo_count, hi_count,
                        False, False, CHUNK)
@@ -381,7 +387,9 @@ def select_stream_kernel(
                 tl.debug_barrier()
 
         # ---- the mask, e0, and each weight's queue id and key ------------------------------
-        e0 = tl.zeros([1], dtype=tl.float64)
+        # e0 is summed per thread and reduced once after the pass: a block reduction per
+        # chunk would put its barriers inside the loop
+        e0_acc = tl.zeros([GCH, WIDTH], dtype=tl.float64)
         for c0 in range(0, cols, STEP):
             if IS_NM:
                 col = c0 + gi * M + jj
@@ -406,7 +414,7 @@ def select_stream_kernel(
             w = tl.load(w_row + col, mask=valid, other=0.0).to(tl.float32)
             d = w * tl.load(s_ptr + col, mask=valid, other=0.0)
             g = tl.math.div_rn(d, tl.load(vp_ptr + col, mask=valid, other=1.0))
-            e0 += tl.sum(tl.sum(tl.where(pruned, d.to(tl.float64), 0.0), axis=1), axis=0)
+            e0_acc += tl.where(pruned, d.to(tl.float64), 0.0)
             og = ordered32(g)
             qid = tl.where(pruned & (g > 0), 0, tl.where(pruned & (g < 0), 1, -1))
             if NQ == 4:
@@ -418,7 +426,7 @@ def select_stream_kernel(
                 v = tl.where(g > 0, ~og, og)
             tl.store(keys + col, v, mask=valid)
             tl.store(sets + col, qid.to(tl.int8), mask=valid)
-        tl.store(e0_ptr + row64 + tl.arange(0, 1), e0)
+        tl.store(e0_ptr + row64, tl.sum(tl.sum(e0_acc, axis=1), axis=0))
         tl.store(lines + qq * CAP + slot, tl.full([NQ, CAP], INT64_MAX, tl.int64))
         tl.debug_barrier()
 
