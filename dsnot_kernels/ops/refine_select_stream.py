@@ -348,6 +348,10 @@ def select_stream_kernel(
     GCH: tl.constexpr = CHUNK // MPAD if IS_NM else 1
     WIDTH: tl.constexpr = MPAD if IS_NM else CHUNK
     STEP: tl.constexpr = GCH * M if IS_NM else CHUNK
+    # unstructured weight loads are hinted to at most 4-column vectors: an fp16/bf16 load then
+    # takes the layout of the int32 key store of the same tile (4 per thread), and the key and
+    # mask passes need no layout conversion through shared memory (2 barriers per chunk each)
+    VEC: tl.constexpr = 4 if CHUNK >= 4 else CHUNK
     gi = tl.arange(0, GCH)[:, None]
     jj = tl.arange(0, WIDTH)[None, :]
     qq = tl.arange(0, NQ)[:, None]
@@ -369,15 +373,16 @@ def select_stream_kernel(
         tt = INT32_MAX
         if not IS_NM:
             if not HAS_MASK:
-                score_sum = tl.zeros([CHUNK], dtype=tl.float32)
+                score_sum = tl.zeros([1, CHUNK], dtype=tl.float32)
                 for c0 in range(0, cols, CHUNK):
-                    idx = c0 + tl.arange(0, CHUNK)
+                    idx = c0 + gi * 0 + jj                    # [1, CHUNK], as the mask pass's tiles
                     valid = idx < cols
-                    score = init_score(w_row, scale_ptr, iscore_row, idx, valid, HAS_SCORE)
+                    score = init_score(w_row, scale_ptr, iscore_row, tl.max_contiguous(idx, [1, VEC]), valid,
+                                       HAS_SCORE)
                     score_sum += tl.where(valid, score, 0.0)
                     tl.store(keys + idx, ordered32(score), mask=valid)
                 tl.debug_barrier()
-                mean_score = tl.sum(score_sum, axis=0) / cols
+                mean_score = tl.sum(tl.sum(score_sum, axis=1), axis=0) / cols
                 seed, spread = seed_predict(mean_score, ratio, miss)
                 # (k = 0 prunes nothing: the mask pass ignores the threshold of its k = 1 search)
                 tv, tt = _kth_search(keys, lines, cols, pruned_per_row + (pruned_per_row == 0), seed, spread,
@@ -411,7 +416,10 @@ def select_stream_kernel(
                 sv = tl.load(keys + col, mask=valid, other=INT32_MAX)
                 pruned = valid & ((sv < tv) | ((sv == tv) & (col <= tt))) & (pruned_per_row > 0)
             tl.store(mask_ptr + row64 * stride_m + col, pruned.to(tl.int8), mask=valid)
-            w = tl.load(w_row + col, mask=valid, other=0.0).to(tl.float32)
+            wcol = col
+            if not IS_NM:
+                wcol = tl.max_contiguous(col, [1, VEC])
+            w = tl.load(w_row + wcol, mask=valid, other=0.0).to(tl.float32)
             d = w * tl.load(s_ptr + col, mask=valid, other=0.0)
             g = tl.math.div_rn(d, tl.load(vp_ptr + col, mask=valid, other=1.0))
             e0_acc += tl.where(pruned, d.to(tl.float64), 0.0)
