@@ -137,7 +137,11 @@ def compile_case(case: str, cc: int, dtype: str, cap: int = 128, jit_like: bool 
 def _tool(name: str) -> str:
     """Path of a CUDA binary utility shipped with Triton (``nvdisasm``, ``cuobjdump``)."""
     from triton import knobs
-    return getattr(knobs.nvidia, name).path
+    path = getattr(knobs.nvidia, name).path
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found (Triton's NVIDIA backend ships it under "
+                                f"triton/backends/nvidia/bin; got {path!r}): the census needs it")
+    return path
 
 
 def resource_usage(cubin: bytes) -> dict:
