@@ -144,13 +144,18 @@ def _tool(name: str) -> str:
     return path
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """``{"registers", "stack", "local"}`` per thread from ``cuobjdump -res-usage``."""
+def _run_on_cubin(tool: str, flags: list[str], cubin: bytes) -> str:
+    """Standard output of Triton's ``tool`` run with ``flags`` on ``cubin`` (via a temporary file)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
+        return subprocess.run([_tool(tool), *flags, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """``{"registers", "stack", "local"}`` per thread from ``cuobjdump -res-usage``."""
+    out = _run_on_cubin("cuobjdump", ["-res-usage"], cubin)
     usage = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", out)}
     return {"registers": usage.get("reg"), "stack": usage.get("stack"), "local": usage.get("local")}
 
@@ -202,12 +207,20 @@ def _is_spill(instruction: str) -> bool:
     return re.search(r"\b(LDL|STL)\b", instruction) is not None
 
 
-def innermost_loops(text: str) -> list[dict]:
-    """Every innermost loop of a SASS listing (a backward branch whose range holds no other):
-    ``{"start", "end", "instructions", "barriers", "shuffles", "spills", "origins"}`` (spills:
-    local-memory loads and stores; origins: the three functions contributing most
+def _counts(instructions) -> dict:
+    """``{"instructions", "barriers", "shuffles", "spills"}`` of a sequence of SASS instructions."""
+    instructions = list(instructions)
+    return {"instructions": len(instructions),
+            "barriers": sum("BAR." in ins for ins in instructions),
+            "shuffles": sum("SHFL" in ins for ins in instructions),
+            "spills": sum(_is_spill(ins) for ins in instructions)}
+
+
+def innermost_loops(instructions: list[tuple[int, str, str]], labels: dict[str, int]) -> list[dict]:
+    """Every innermost loop of a :func:`parse_sass` listing (a backward branch whose range holds
+    no other): ``{"start", "end", "instructions", "barriers", "shuffles", "spills", "origins"}``
+    (spills: local-memory loads and stores; origins: the three functions contributing most
     instructions, with their counts)."""
-    instructions, labels = parse_sass(text)
     spans = set()
     for address, instruction, _ in instructions:
         m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", instruction)
@@ -220,31 +233,22 @@ def innermost_loops(text: str) -> list[dict]:
         if len(body) < 2:
             continue
         origins = collections.Counter(origin for _, origin in body).most_common(3)
-        loops.append({"start": start, "end": end, "instructions": len(body),
-                      "barriers": sum("BAR." in ins for ins, _ in body),
-                      "shuffles": sum("SHFL" in ins for ins, _ in body),
-                      "spills": sum(_is_spill(ins) for ins, _ in body),
+        loops.append({"start": start, "end": end, **_counts(ins for ins, _ in body),
                       "origins": [f"{name} {count}" for name, count in origins]})
     return loops
 
 
 def census(case: str, cc: int = 90, dtype: str | None = None, cap: int = 128) -> dict:
     """Resources and innermost loops of one case's cubin for ``sm_<cc>`` (JIT-like hints)."""
-    kernel = compile_case(case, cc, dtype or CASES[case], cap)
+    dtype = dtype or CASES[case]
+    kernel = compile_case(case, cc, dtype, cap)
     cubin = kernel.asm["cubin"]
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([_tool("nvdisasm"), "-c", "-g", f.name], capture_output=True,
-                              text=True, check=True).stdout
-    instructions, _ = parse_sass(sass)
+    instructions, labels = parse_sass(_run_on_cubin("nvdisasm", ["-c", "-g"], cubin))
     usage = resource_usage(cubin)
     usage["shared"] = kernel.metadata.shared           # Triton's dynamic shared memory, bytes
-    return {"case": case, "cc": cc, "dtype": dtype or CASES[case], **usage,
-            "instructions": len(instructions),
-            "barriers": sum("BAR." in ins for _, ins, _ in instructions),
-            "spills": sum(_is_spill(ins) for _, ins, _ in instructions),
-            "loops": innermost_loops(sass)}
+    return {"case": case, "cc": cc, "dtype": dtype, **usage,
+            **_counts(ins for _, ins, _ in instructions),
+            "loops": innermost_loops(instructions, labels)}
 
 
 def main(argv: list[str] | None = None) -> int:
