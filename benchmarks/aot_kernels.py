@@ -71,6 +71,7 @@ def kernel_spec(case: str, dtype: str, cap: int = 128):
     nm = "-nm" in case
     if case.startswith("stream"):
         fn, warps = select_stream_kernel, 1 if case.endswith("-1warp") else 4
+        chunk = 128 if case.endswith(("-narrow", "-1warp")) else 1024
         sig = dict(w_ptr=w, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
                    iscore_ptr="*fp32", imask_ptr="*u8", mask_ptr="*u8", e0_ptr="*fp64",
                    queue_ptr="*i32", qd_ptr="*fp32", qa_ptr="*fp32", key_ptr="*i32", set_ptr="*i8",
@@ -78,7 +79,7 @@ def kernel_spec(case: str, dtype: str, cap: int = 128):
                    stride_im="i32", stride_m="i32", pruned_per_row="i32", depth="i32")
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, MPAD=4 if nm else 16384,
                      HAS_MASK=False, HAS_SCORE=False, NQ=2 if nm else 4, TPAD=64, CAP=cap,
-                     STORE_A=not nm, CHUNK=128 if case.endswith(("-narrow", "-1warp")) else 1024,
+                     STORE_A=not nm, CHUNK=chunk, MASK_CHUNK=chunk if nm else min(chunk, 128 * warps),
                      JOINT=not case.endswith("-serial"), SMALL=64 if case.endswith("-endgame") else 0)
     elif case.startswith("select"):
         fn, warps = select_kernel, 8

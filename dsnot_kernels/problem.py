@@ -66,7 +66,9 @@ def column_factors(stats_sum: torch.Tensor, stats_sq: torch.Tensor, stats_var: t
                    pow_of_var: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(S, sqrt(Q), V^p)`` as float32 ``[in]`` vectors (V = 0 read as the smallest normal float)."""
     s = stats_sum.to(torch.float32).contiguous()
-    sqrt_q = torch.sqrt(stats_sq.to(torch.float32)).contiguous()
+    # (+ 0.0 turns the sqrt of a -0.0 mean into +0.0: the Triton kernels read the bits of
+    # |w| * sqrt(Q) >= +0.0 as its order)
+    sqrt_q = (torch.sqrt(stats_sq.to(torch.float32)) + 0.0).contiguous()
     if pow_of_var == 0:
         var_pow = torch.ones_like(s)
     else:

@@ -82,20 +82,20 @@ def test_fastest_launch_wins_and_is_kept(fake_clock, pattern):
     problem = _problem(9, 64, pattern)
     expected = reference_output(*make_layer(9, 64, torch.float16), dk.RefineConfig(
         sparsity=0.6, pattern=pattern, max_cycle_time=8, update_threshold=0.01))[1]
-    fake_clock["times"] = {"select=stream,programs_per_sm=3": 0.5}
+    fake_clock["times"] = {"select=stream,programs_per_sm=4": 0.5}
     out = refine_triton(problem, cap=16)
     assert_same_output(expected, out, "tuned call")
     all_runs = dict(fake_clock["runs"])
     assert len(all_runs) == len(launch_tuning.candidates(problem))     # every candidate ran
     (entry,) = launch_tuning.tuned_launches()
-    assert entry["launch"] == "select=stream,programs_per_sm=3"
+    assert entry["launch"] == "select=stream,programs_per_sm=4"
     assert entry["rows"] == 9 and entry["cols"] == 64 and entry["pattern"] == pattern
     assert set(entry["seconds"]) == set(all_runs) and not entry["dropped"]
 
     # a second call of the same class (other rows of the same padded count) runs the winner once
     fake_clock["runs"].clear()
     again = refine_triton(_problem(12, 60, pattern, seed=1), cap=16)
-    assert fake_clock["runs"] == {"select=stream,programs_per_sm=3": 1}
+    assert fake_clock["runs"] == {"select=stream,programs_per_sm=4": 1}
     problem2, expected2 = reference_output(*make_layer(12, 60, torch.float16, seed=1), dk.RefineConfig(
         sparsity=0.6, pattern=pattern, max_cycle_time=8, update_threshold=0.01))
     assert_same_output(expected2, again, "winner on the second call")
@@ -124,7 +124,7 @@ def test_differing_or_failing_launch_is_dropped(fake_clock, monkeypatch):
         if knobs.get("num_warps") == 1:
             raise RuntimeError("out of resources: shared memory\nmore text")
         out = real(problem, cap, **knobs)
-        if knobs.get("programs_per_sm") == 3:          # a miscompiled launch on this 'GPU'
+        if knobs.get("programs_per_sm") == 4:          # a miscompiled launch on this 'GPU'
             out.swaps[0] += 1
         if knobs == {"select": "rows"}:                 # the default launch races: 2nd run differs
             calls["rows"] += 1
@@ -133,7 +133,7 @@ def test_differing_or_failing_launch_is_dropped(fake_clock, monkeypatch):
         return out
 
     monkeypatch.setattr(launch_tuning, "_device_name", lambda device: "a test GPU")
-    fake_clock["times"] = {"select=stream,programs_per_sm=3": 0.1,
+    fake_clock["times"] = {"select=stream,programs_per_sm=4": 0.1,
                            "select=stream,num_warps=1,chunk=128,programs_per_sm=16": 0.1,
                            "select=rows,queue_search=serial": 0.7}
     # (not pytest.warns: it would also re-emit the interpreter's own DeprecationWarnings)
@@ -143,14 +143,14 @@ def test_differing_or_failing_launch_is_dropped(fake_clock, monkeypatch):
     messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
     assert len(messages) == 2, messages
     assert "select=rows computed a different result than its own other runs on a test GPU" in messages[0]
-    assert "select=stream,programs_per_sm=3 computed a different result than select=stream's" in messages[1]
+    assert "select=stream,programs_per_sm=4 computed a different result than select=stream's" in messages[1]
     assert_same_output(reference_output(*make_layer(6, 64, torch.float16), dk.RefineConfig(
         sparsity=0.6, max_cycle_time=8, update_threshold=0.01))[1], out, "baseline returned")
     (entry,) = launch_tuning.tuned_launches()
     assert entry["launch"] == "select=rows,queue_search=serial"
     assert entry["dropped"] == {
         "select=rows": "output differs from its own other runs",
-        "select=stream,programs_per_sm=3": "output differs from select=stream's",
+        "select=stream,programs_per_sm=4": "output differs from select=stream's",
         "select=stream,num_warps=1,chunk=128,programs_per_sm=16":
             "RuntimeError: out of resources: shared memory"}
 

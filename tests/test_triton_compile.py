@@ -74,10 +74,10 @@ def test_queue_sort_shared_memory(case, dtype, cap):
 def test_sass_census(tmp_path):
     """``benchmarks/aot_kernels.py`` (the census a session without a GPU reads): compiled as a
     launch on LLaMA shapes compiles them (arguments divisible by 16), the streamed unstructured
-    kernel stays within its register cap without spilling, the census finds its passes (the
-    innermost loops) and attributes them to kernel functions, and it tells the default k-th
-    search from the one with the register endgame (whose compaction pass is a scan with
-    barriers)."""
+    kernel stays within its register cap with no spill inside its passes, the census finds
+    those passes (the innermost loops) and attributes them to kernel functions, and it tells
+    the default k-th search from the one with the register endgame (whose compaction pass is
+    a scan with barriers)."""
     from dsnot_kernels.ops.refine import STREAM_MAXNREG
     out = tmp_path / "census.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -92,7 +92,9 @@ def test_sass_census(tmp_path):
         assert len(info["loops"]) >= 5, info["loops"]
         functions = " ".join(" ".join(loop["origins"]) for loop in info["loops"])
         assert "_joint_search" in functions and "_compact_joint" in functions, functions
-    assert default["spills"] == 0 and default["stack"] == 0, default
+    # at its 128-register cap (four programs per SM) it spills a few values once per row, never
+    # inside a pass over the row
+    assert all(loop["spills"] == 0 for loop in default["loops"]), default["loops"]
     assert not any("_compact " in " ".join(loop["origins"]) for loop in default["loops"])
     assert any("_compact " in " ".join(loop["origins"]) for loop in endgame["loops"])
     assert endgame["barriers"] > default["barriers"], (endgame["barriers"], default["barriers"])

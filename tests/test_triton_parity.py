@@ -283,6 +283,29 @@ def test_non_finite_growth_scores(pattern, select):
     _check(w.to(DEVICE), stats.to(DEVICE), cfg, f"{pattern}-non-finite-G-{select}", select=select, chunk=16)
 
 
+@pytest.mark.parametrize("pattern,init,sparsity", [("unstructured", "wanda", 0.25),
+                                                    ("unstructured", "magnitude", 0.5), ("2:4", "wanda", 0.5)])
+@pytest.mark.parametrize("select", ["rows", "stream"])
+def test_signed_zeros(pattern, init, sparsity, select):
+    """-0.0 weights and -0.0 means of squares. The kernels read ``|w| * sqrt(Q)`` (Wanda's
+    initial score and the prune queues' ``A``) by its float bits, which order like the float
+    only if it is never -0.0: the host makes ``sqrt(-0.0)`` +0.0. Half of the zero-score
+    columns here have ``Q = -0.0``; they must tie with the others by column, as in the
+    reference's stable sort, both at the initial mask's ``k``-th score (Wanda, 25%: the
+    threshold falls inside the block of zero scores) and at the head of the prune queues
+    (magnitude init keeps zero-``A`` weights)."""
+    w, stats = make_layer(12, 64, torch.float32, seed=5)
+    w[:, 3::7] = -0.0
+    q = stats.scaler_row.clone()
+    q[1::4] = -0.0
+    q[2::4] = 0.0
+    stats = dk.LayerStats(sum_metric_row=stats.sum_metric_row, scaler_row=q, var=stats.var,
+                          nsamples=stats.nsamples, ntokens=stats.ntokens)
+    cfg = dk.RefineConfig(sparsity=sparsity, pattern=pattern, init=init, max_cycle_time=12)
+    _check(w.to(DEVICE), stats.to(DEVICE), cfg, f"{pattern}-{init}-signed-zeros-{select}", cap=8,
+           select=select, chunk=16)
+
+
 @pytest.mark.parametrize("gpu,optin,unstructured_max,nm_max",
                          [("H200", 232448, 4096, 8192), ("A100", 166912, 4096, 8192),
                           ("RTX 4090", 101376, 2048, 4096)])

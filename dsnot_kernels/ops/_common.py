@@ -247,6 +247,33 @@ def init_score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE: tl.constexpr
 
 
 @triton.jit
+def init_key(score, HAS_SCORE: tl.constexpr):
+    """``ordered32`` of an :func:`init_score`. Without a given score the score is ``|w| *
+    scale`` with ``scale >= +0.0`` (the host turns a ``sqrt(Q)`` of -0.0 into +0.0), so it is
+    never negative nor -0.0 and its float bits already order like it: no fix-ups per weight."""
+    if HAS_SCORE:
+        return ordered32(score)
+    return score.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def queue_id_key(pruned, kept, d, g, a, NQ: tl.constexpr):
+    """Each weight's candidate queue (SPEC §4; -1 = none) and its int32 key, ascending = pop
+    order: q0 grow+ (pruned, G > 0) ``~ord(G)``, q1 grow- (pruned, G < 0) ``ord(G)``, and with
+    ``NQ == 4`` q2 prune- (kept, D < 0) and q3 prune+ (kept, D > 0) ``ord(A)``.
+
+    The key of a weight in no queue is never read, which keeps this cheaper than ``ordered32``
+    per term: a G > 0 orders like its bits (``~`` reverses them), a G < 0 like its bits with the
+    magnitude flipped (``^ 0x7FFFFFFF``), and ``A = |w| * sqrt(Q) >= +0.0`` like its bits."""
+    g_key = g.to(tl.int32, bitcast=True) ^ tl.where(g > 0, -1, 0x7FFFFFFF)
+    qid = tl.where(pruned & (g > 0), 0, tl.where(pruned & (g < 0), 1, -1))
+    if NQ == 4:
+        qid = tl.where(kept & (d < 0), 2, tl.where(kept & (d > 0), 3, qid))
+        return qid, tl.where(pruned, g_key, a.to(tl.int32, bitcast=True))
+    return qid, g_key
+
+
+@triton.jit
 def queue_key(v, tie):
     """int64 key ``v * 2^32 + tie + 2^31`` of a queue member: ascending key = pop order (the
     tie is -col for grow+, col otherwise); :func:`store_queues` decodes it."""
@@ -296,6 +323,28 @@ def queue_field(qid):
     # in LLVM even where the select discards it
     shift = (qid & 3).to(tl.int64) * 16
     return tl.where(qid >= 0, tl.full(qid.shape, 1, tl.int64) << shift, 0)
+
+
+@triton.jit
+def line_field(qid, sel, CAP: tl.constexpr):
+    """Scan operand of the compaction into the ``[CAP]`` queue lines: a 1 in the count field
+    of queue ``qid`` where ``sel``, else 0. A field counts selected members, at most ``CAP``:
+    with ``CAP <= 128`` (the default) four 8-bit fields fit a uint32, which halves the scan's
+    shuffles and registers; longer lines use 16-bit fields of an int64 (:func:`queue_field`)."""
+    if CAP <= 128:
+        one = tl.full(qid.shape, 1, tl.uint32)
+        return tl.where(sel, one << ((qid & 3).to(tl.uint32) * 8), tl.zeros(qid.shape, tl.uint32))
+    else:
+        return tl.where(sel, queue_field(qid), 0)
+
+
+@triton.jit
+def line_count(packed, qid, CAP: tl.constexpr):
+    """Queue ``qid``'s int32 count in a sum or scan of :func:`line_field` operands."""
+    if CAP <= 128:
+        return ((packed >> ((qid & 3).to(tl.uint32) * 8)) & 0xFF).to(tl.int32)
+    else:
+        return ((packed >> ((qid & 3).to(tl.int64) * 16)) & 0xFFFF).to(tl.int32)
 
 
 @triton.jit

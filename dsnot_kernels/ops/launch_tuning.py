@@ -34,15 +34,15 @@ REPEATS = 3          # runs per candidate timed together, back to back, after on
 ROWS_MAX_COLS = 16384  # widest row tile of the row kernel (it holds a row in registers)
 
 # refine_triton keyword arguments of each candidate, the default launches first.
-# Streamed at 3 programs per SM: the 4-warp unstructured launch is capped at 168 registers, so
-# 3 programs fit in an SM's 64K registers (sm_80/sm_90; N:M at 128 registers: 4). The default
-# 8 per SM run in ~2.7 waves of ~4 rows each (H100, 4096 rows); 3 per SM in one wave of ~10
-# rows each, so a program's cold first row (its searches have no seed yet) weighs less.
+# Streamed at 4 programs per SM: the 4-warp launches take 128 registers (the unstructured one
+# capped there), so 4 programs fit in an SM's 64K registers (sm_80/sm_90). The default 8 per
+# SM run in 2 waves of ~4 rows each (H100, 4096 rows); 4 per SM in one wave of ~8 rows each,
+# so a program's cold first row (its searches have no seed yet) weighs less.
 CANDIDATES: tuple[dict, ...] = (
     {"select": "rows"},
     {"select": "stream"},
     {"select": "rows", "row_programs_per_sm": 1},
-    {"select": "stream", "programs_per_sm": 3},
+    {"select": "stream", "programs_per_sm": 4},
     {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 16},
     {"select": "rows", "queue_search": "serial"},
     {"select": "stream", "queue_search": "serial"},

@@ -28,9 +28,10 @@ DEFAULT_CAP = 128          # keys kept per queue before the bitonic sort (>= the
 MAX_CAP = 32768            # per-queue counts share one int64 scan in 16-bit fields
 JOINT_MAX_COLS = 65535     # the joint queue search counts whole rows in 16-bit fields
 # register cap of the streamed kernel's multi-warp unstructured launch: uncapped, ptxas gives it
-# 218 registers at 4 warps (sm_90, AOT), i.e. two programs per SM; 168 compiles without spills
-# (166 used) and fits three
-STREAM_MAXNREG = 168
+# 224 registers at 4 warps (sm_90, AOT), i.e. two programs per SM; at 128 four fit (as for N:M,
+# 128 uncapped), for ~24 spilled loads/stores per row outside its passes over the row
+# (benchmarks/aot_kernels.py; none inside them)
+STREAM_MAXNREG = 128
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -233,6 +234,8 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
             # a chunk narrower than the program's threads is replicated across them, and the
             # mask pass reads then overwrites each key: one owner per key needs chunk >= threads
             chunk = max(chunk, 32 * warps)
+        # the unstructured mask pass walks 4 columns per thread (it is register-bound at 8)
+        mask_chunk = chunk if nm else min(chunk, 4 * 32 * warps)
         keys = torch.empty(nprog, cols, dtype=torch.int32, device=device)
         sets = torch.empty(nprog, cols, dtype=torch.int8, device=device)
         lines = torch.empty(nprog, nq * cap, dtype=torch.int64, device=device)
@@ -246,7 +249,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
             int(problem.pruned_per_row), depth,
             IS_NM=nm, N=n, M=max(m, 1), MPAD=mpad,
             HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
-            NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, CHUNK=chunk, JOINT=joint,
+            NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, CHUNK=chunk, MASK_CHUNK=mask_chunk, JOINT=joint,
             SMALL=min(kth_endgame_cols, nq * cap), num_warps=warps, enable_fp_fusion=False,
             **({"maxnreg": STREAM_MAXNREG} if not nm and warps >= 4 and not INTERPRET else {}),
         )

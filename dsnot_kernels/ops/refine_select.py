@@ -42,9 +42,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (INT64_MAX, init_score, kth32_seeded, ordered32, pick, queue_field, queue_key,
-                      queue_seed_learn, queue_seed_state, queue_thresholds, seed_learn, seed_predict,
-                      seed_state, store_queues, threshold32)
+from ._common import (INT64_MAX, init_key, init_score, kth32_seeded, line_count, line_field, pick,
+                      queue_id_key, queue_key, queue_seed_learn, queue_seed_state, queue_thresholds,
+                      seed_learn, seed_predict, seed_state, store_queues, threshold32)
 
 
 @triton.jit
@@ -116,13 +116,13 @@ def _select_row(
         w_row = w_ptr + row * stride_w
         iscore_row = iscore_ptr + row * stride_is
         score = init_score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE)
-        sv = ordered32(score)
+        sv = init_key(score, HAS_SCORE)
         if IS_NM:
             rank = tl.zeros([GPAD, MPAD], dtype=tl.int32)
             for j2 in tl.static_range(M):
                 c2 = gi * M + j2                                  # [GPAD, 1]: member j2 of each group
                 v2 = c2 < cols
-                k2 = ordered32(init_score(w_row, scale_ptr, iscore_row, c2, v2, HAS_SCORE))
+                k2 = init_key(init_score(w_row, scale_ptr, iscore_row, c2, v2, HAS_SCORE), HAS_SCORE)
                 # (k2, c2) < (sv, col): the stable-sort rank inside the group
                 rank += tl.where((k2 < sv) | ((k2 == sv) & (c2 < col)), 1, 0)
             pruned = valid & (rank < N)
@@ -155,20 +155,9 @@ def _select_row(
     #   q3 prune+ (kept,   D > 0): v =  ord(A), tie =  col
     BLOCK: tl.constexpr = GPAD * MPAD
     fcol = tl.reshape(col, [BLOCK]).to(tl.int32)
-    fpruned = tl.reshape(pruned, [BLOCK])
-    fkept = tl.reshape(valid & (pruned == 0), [BLOCK])
-    fd = tl.reshape(d, [BLOCK])
-    fg = tl.reshape(g, [BLOCK])
-    og = ordered32(fg)
-    if NQ == 4:
-        v = tl.where(fpruned, tl.where(fg > 0, ~og, og), ordered32(tl.reshape(a, [BLOCK])))
-    else:
-        v = tl.where(fg > 0, ~og, og)
-    is_q0 = fpruned & (fg > 0)
-    tie = tl.where(is_q0, -fcol, fcol)
-    qid = tl.where(is_q0, 0, tl.where(fpruned & (fg < 0), 1, -1))
-    if NQ == 4:
-        qid = tl.where(fkept & (fd < 0), 2, tl.where(fkept & (fd > 0), 3, qid))
+    qid, v = queue_id_key(tl.reshape(pruned, [BLOCK]), tl.reshape(valid & (pruned == 0), [BLOCK]),
+                          tl.reshape(d, [BLOCK]), tl.reshape(g, [BLOCK]), tl.reshape(a, [BLOCK]), NQ)
+    tie = tl.where(qid == 0, -fcol, fcol)
     if JOINT:
         # all queue thresholds in lockstep: one block reduction per probe for all queues
         tvq, ttq, searched = queue_thresholds(v, tie, qid, depth, CAP, cols, q_seed,
@@ -183,16 +172,15 @@ def _select_row(
             member = qid == q
             tv, tt = threshold32(v, tie, member, depth, CAP)
             sel = sel | (member & ((v < tv) | ((v == tv) & (tie <= tt))))
-    qid = tl.maximum(qid, 0).to(tl.int64)              # (unselected weights: any field)
-    # one scan for all queues: 16-bit count fields, one per queue (counts <= CAP < 2^16)
-    field = tl.where(sel, queue_field(qid), 0)
-    pos = (tl.cumsum(field, axis=0) >> (qid * 16)) & 0xFFFF
-    tl.store(scratch_ptr + row * (NQ * CAP) + qid * CAP + pos - 1, queue_key(v, tie), mask=sel)
+    # one scan for all queues: a count field per queue (counts <= CAP)
+    field = line_field(qid, sel, CAP)
+    pos = line_count(tl.cumsum(field, axis=0), qid, CAP)
+    tl.store(scratch_ptr + row * (NQ * CAP) + (qid & 3) * CAP + pos - 1, queue_key(v, tie), mask=sel)
     counts = tl.sum(field, axis=0)
     tl.debug_barrier()                 # the compacted lines are visible to every thread
     qq = tl.arange(0, NQ)[:, None]
     slot = tl.arange(0, CAP)[None, :]
-    n_q = (counts >> (qq.to(tl.int64) * 16)) & 0xFFFF
+    n_q = line_count(counts, qq, CAP)
     live = slot < n_q
     head = tl.sort(tl.load(scratch_ptr + row * (NQ * CAP) + qq * CAP + slot, mask=live,
                            other=INT64_MAX), dim=1)

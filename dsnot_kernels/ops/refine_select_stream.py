@@ -6,9 +6,10 @@ rows; each program owns a scratch line of ``in`` int32 *keys* and ``in`` int8 *s
 walks the row in ``CHUNK``-column chunks. Every selection pass re-reads the line (5 B per
 column: 20 KB per program at in = 4096, meant to stay in L1/L2; at 8 programs per SM and
 in = 11008 the lines total ~58 MB on an H100, more than its 50 MB L2) instead of holding the row
-in registers, so a program needs few registers (128 at 4 warps), several programs share an
-SM, and their reduction chains overlap. ``CHUNK`` must be at least the program's thread count
-on a GPU (the launcher ensures it): the mask pass reads each key and then overwrites it.
+in registers, so a program needs few registers (128 at 4 warps, the unstructured launch capped
+there: four programs per SM), several programs share an SM, and their reduction chains
+overlap. ``CHUNK`` and the mask pass's ``MASK_CHUNK`` must be at least the program's thread
+count on a GPU (the launcher ensures it): the mask pass reads each key and then overwrites it.
 
 Per row:
 
@@ -46,7 +47,8 @@ import triton
 import triton.language as tl
 
 from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, any_true, combine5, count_min_max,
-                      init_score, joint_step, joint_tie_step, ordered32, pick, queue_field, queue_key,
+                      init_key, init_score, joint_step, joint_tie_step, line_count, line_field, pick,
+                      queue_field, queue_id_key, queue_key,
                       queue_seed_learn, queue_seed_state, queue_stats_merge, queue_stats_parts,
                       queue_stats_reduce, search_probe, search_start, search_step, seed_learn,
                       seed_predict, seed_probes, seed_state, seeded_search_start,
@@ -314,17 +316,17 @@ def _compact_joint(keys, sets, lines, cols, tvq, ttq, NQ: tl.constexpr, CAP: tl.
                    CHUNK: tl.constexpr):
     """One pass storing the int64 keys of every queue's selected members into its ``[CAP]``
     line (positions from one int64 scan of 16-bit per-queue fields, as in :mod:`.refine_select`)."""
-    carry = tl.zeros([1], dtype=tl.int64).sum(axis=0)
+    none = tl.full([1], 0, tl.int32)
+    carry = tl.sum(line_field(none, none > 0, CAP), axis=0)     # 0, of the fields' type
     for c0 in range(0, cols, CHUNK):
         idx = c0 + tl.arange(0, CHUNK)
         v, qid = _line(keys, sets, idx, idx < cols)
         tie = tl.where(qid == 0, -idx, idx)
         tv = pick(qid, tvq, NQ)
         sel = (qid >= 0) & ((v < tv) | ((v == tv) & (tie <= pick(qid, ttq, NQ))))
-        q = tl.maximum(qid, 0)                                  # (unselected weights: any field)
-        field = tl.where(sel, queue_field(q), 0)
-        pos = ((carry + tl.cumsum(field, axis=0)) >> (q.to(tl.int64) * 16)) & 0xFFFF
-        tl.store(lines + q * CAP + pos - 1, queue_key(v, tie), mask=sel)
+        field = line_field(qid, sel, CAP)
+        pos = line_count(carry + tl.cumsum(field, axis=0), qid, CAP)
+        tl.store(lines + (qid & 3) * CAP + pos - 1, queue_key(v, tie), mask=sel)
         carry += tl.sum(field, axis=0)
 
 
@@ -337,23 +339,28 @@ def select_stream_kernel(
     IS_NM: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MPAD: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SCORE: tl.constexpr,
     NQ: tl.constexpr, TPAD: tl.constexpr, CAP: tl.constexpr, STORE_A: tl.constexpr,
-    CHUNK: tl.constexpr, JOINT: tl.constexpr, SMALL: tl.constexpr,
+    CHUNK: tl.constexpr, MASK_CHUNK: tl.constexpr, JOINT: tl.constexpr, SMALL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     keys = key_ptr + pid.to(tl.int64) * cols
     sets = set_ptr + pid.to(tl.int64) * cols
     lines = scratch_ptr + pid.to(tl.int64) * (NQ * CAP)
-    # the key pass walks [GCH, MPAD] tiles: N:M groups of M columns, or [1, CHUNK] columns
-    GCH: tl.constexpr = CHUNK // MPAD if IS_NM else 1
-    WIDTH: tl.constexpr = MPAD if IS_NM else CHUNK
-    STEP: tl.constexpr = GCH * M if IS_NM else CHUNK
+    # the key pass walks [1, CHUNK] tiles; the mask pass [GCH, MPAD] tiles of N:M groups of M
+    # columns, or [1, MASK_CHUNK] columns: the launcher makes that 4 columns per thread, as
+    # its values and predicates for 8 overflow the registers (sm_90: 73 -> 61 instructions
+    # per column, benchmarks/PERF_NOTES.md)
+    GCH: tl.constexpr = MASK_CHUNK // MPAD if IS_NM else 1
+    WIDTH: tl.constexpr = MPAD if IS_NM else MASK_CHUNK
+    STEP: tl.constexpr = GCH * M if IS_NM else MASK_CHUNK
     # unstructured weight loads are hinted to at most 4-column vectors: an fp16/bf16 load then
     # takes the layout of the int32 key store of the same tile (4 per thread), and the key and
     # mask passes need no layout conversion through shared memory (2 barriers per chunk each)
-    VEC: tl.constexpr = 4 if CHUNK >= 4 else CHUNK
+    VEC: tl.constexpr = 4 if MASK_CHUNK >= 4 else MASK_CHUNK
+    KVEC: tl.constexpr = 4 if CHUNK >= 4 else CHUNK
     gi = tl.arange(0, GCH)[:, None]
     jj = tl.arange(0, WIDTH)[None, :]
+    kj = tl.arange(0, CHUNK)[None, :]
     qq = tl.arange(0, NQ)[:, None]
     slot = tl.arange(0, CAP)[None, :]
     # the previous row's k-th score over its mean score, and how far off the last prediction
@@ -375,12 +382,12 @@ def select_stream_kernel(
             if not HAS_MASK:
                 score_sum = tl.zeros([1, CHUNK], dtype=tl.float32)
                 for c0 in range(0, cols, CHUNK):
-                    idx = c0 + gi * 0 + jj                    # [1, CHUNK], as the mask pass's tiles
+                    idx = c0 + kj                             # [1, CHUNK]
                     valid = idx < cols
-                    score = init_score(w_row, scale_ptr, iscore_row, tl.max_contiguous(idx, [1, VEC]), valid,
+                    score = init_score(w_row, scale_ptr, iscore_row, tl.max_contiguous(idx, [1, KVEC]), valid,
                                        HAS_SCORE)
                     score_sum += tl.where(valid, score, 0.0)
-                    tl.store(keys + idx, ordered32(score), mask=valid)
+                    tl.store(keys + idx, init_key(score, HAS_SCORE), mask=valid)
                 tl.debug_barrier()
                 mean_score = tl.sum(tl.sum(score_sum, axis=1), axis=0) / cols
                 seed, spread = seed_predict(mean_score, ratio, miss)
@@ -405,11 +412,12 @@ def select_stream_kernel(
             if HAS_MASK:
                 pruned = valid & (tl.load(imask_ptr + row64 * stride_im + col, mask=valid, other=0) != 0)
             elif IS_NM:
-                sv = ordered32(init_score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE))
+                sv = init_key(init_score(w_row, scale_ptr, iscore_row, col, valid, HAS_SCORE), HAS_SCORE)
                 rank = tl.zeros([GCH, WIDTH], dtype=tl.int32)
                 for j2 in tl.static_range(M):
                     c2 = c0 + gi * M + j2                     # [GCH, 1]: member j2 of each group
-                    k2 = ordered32(init_score(w_row, scale_ptr, iscore_row, c2, c2 < cols, HAS_SCORE))
+                    s2 = init_score(w_row, scale_ptr, iscore_row, c2, c2 < cols, HAS_SCORE)
+                    k2 = init_key(s2, HAS_SCORE)
                     rank += tl.where((k2 < sv) | ((k2 == sv) & (c2 < col)), 1, 0)
                 pruned = valid & (rank < N)
             else:
@@ -423,15 +431,10 @@ def select_stream_kernel(
             d = w * tl.load(s_ptr + col, mask=valid, other=0.0)
             g = tl.math.div_rn(d, tl.load(vp_ptr + col, mask=valid, other=1.0))
             e0_acc += tl.where(pruned, d.to(tl.float64), 0.0)
-            og = ordered32(g)
-            qid = tl.where(pruned & (g > 0), 0, tl.where(pruned & (g < 0), 1, -1))
+            a = d
             if NQ == 4:
-                kept = valid & (pruned == 0)
-                qid = tl.where(kept & (d < 0), 2, tl.where(kept & (d > 0), 3, qid))
                 a = tl.abs(w) * tl.load(sq_ptr + col, mask=valid, other=0.0)
-                v = tl.where(pruned, tl.where(g > 0, ~og, og), ordered32(a))
-            else:
-                v = tl.where(g > 0, ~og, og)
+            qid, v = queue_id_key(pruned, valid & (pruned == 0), d, g, a, NQ)
             tl.store(keys + col, v, mask=valid)
             tl.store(sets + col, qid.to(tl.int8), mask=valid)
         tl.store(e0_ptr + row64, tl.sum(tl.sum(e0_acc, axis=1), axis=0))
