@@ -14,9 +14,9 @@ count on a GPU (the launcher ensures it): the mask pass reads each key and then 
 Per row:
 
 1. unstructured, no given mask: keys = ordered_int32(init score) -> the exact ``k``-th key
-   by :func:`_kth_search` (interpolation/bisection on streamed counts, seeded from the
-   program's previous row; optionally finished in registers once the bracket holds <=
-   ``SMALL`` columns; tie split by column);
+   by :func:`_kth_search` (interpolation/bisection on streamed counts, three keys counted
+   per pass, seeded from the program's previous row; optionally finished in registers once
+   the bracket holds <= ``SMALL`` columns; tie split by column);
 2. one pass per chunk: the initial mask (threshold / given mask / N:M group rank) is written,
    ``e0 = Σ_{pruned} (double) D`` accumulated, and each weight's queue id and queue key stored
    (``D = w*S``, ``G = div_rn(D, V^p)``, ``A = |w|*sqrt(Q)``):
@@ -33,9 +33,9 @@ Per row:
    ``D`` (and ``A``), ``-1`` past the end.
 
 Passes over the line per row (unstructured, no given mask): 1 key pass, then for the exact
-``k``-th key 1 stats pass with the two seed counts and ~7.1 probes (40 benchmark rows of 4096
-columns at 60%, 4 rows per program, counted under the interpreter; ~10.4 for a program's
-first row; with a 64-column endgame ~3.0 probes and one endgame pass),
+``k``-th key 1 stats pass with the two seed counts and ~4.5 probe passes (40 benchmark rows of
+4096 columns at 60%, 4 rows per program, counted under the interpreter; ~7.3 for a program's
+first row; real SmolLM2 rows: ``benchmarks/PERF_NOTES.md``),
 1 mask/queue-key pass, then joint: 1 + max over queues of the probes + 1, the probes ~6.5
 for a program's first row and ~0.4 for its later ones (``benchmarks/count_passes.py``: 1.4
 per row at 16 rows per program, 1.9 at 4; 2:4: 5.9 unseeded, 0.8 and 1.7); serial: the sum
@@ -50,8 +50,8 @@ from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, any_true, comb
                       init_key, init_score, joint_step, joint_tie_step, line_count, line_field, pick,
                       queue_field, queue_id_key, queue_key,
                       queue_seed_learn, queue_seed_state, queue_stats_merge, queue_stats_parts,
-                      queue_stats_reduce, search_probe, search_start, search_step, seed_learn,
-                      seed_predict, seed_probes, seed_state, seeded_search_start,
+                      queue_stats_reduce, search_probe, search_probes3, search_start, search_step,
+                      seed_learn, seed_predict, seed_probes, seed_state, seed_step, seeded_search_start,
                       store_queues, threshold32, tie_start, tie_step, unpack_counts)
 
 
@@ -75,6 +75,27 @@ def _count(keys, sets, cols, q, t, HAS_SET: tl.constexpr, CHUNK: tl.constexpr):
         v, member = _member(keys, sets, idx, valid, q, HAS_SET)
         acc += tl.where(member & (v <= t), 1, 0)
     return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _add3(a1, a2, a3, b1, b2, b3):
+    return a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
+def _count3(keys, cols, t1, t2, t3, CHUNK: tl.constexpr):
+    """``#{key <= t}`` over the whole key line for three keys in one pass (one block reduction;
+    each ``t < INT32_MAX``, so the padding past ``cols`` is never counted)."""
+    a1 = tl.zeros([CHUNK], dtype=tl.int32)
+    a2 = tl.zeros([CHUNK], dtype=tl.int32)
+    a3 = tl.zeros([CHUNK], dtype=tl.int32)
+    for c0 in range(0, cols, CHUNK):
+        idx = c0 + tl.arange(0, CHUNK)
+        v = tl.load(keys + idx, mask=idx < cols, other=INT32_MAX)
+        a1 += tl.where(v <= t1, 1, 0)
+        a2 += tl.where(v <= t2, 1, 0)
+        a3 += tl.where(v <= t3, 1, 0)
+    return tl.reduce((a1, a2, a3), 0, _add3)
 
 
 @triton.jit
@@ -139,6 +160,28 @@ def _probe_line(keys, sets, cols, q, lo, hi, c_lo, c_hi, tv, searching, target, 
 
 
 @triton.jit
+def _probe_line3(keys, cols, lo, hi, c_lo, c_hi, tv, searching, target, bisect, lo_count, hi_count,
+                 CHUNK: tl.constexpr, SMALL: tl.constexpr):
+    """:func:`_probe_line` for the whole key line (no sets), counting three keys per pass
+    (:func:`._common.search_probes3`): fewer dependent passes for a little more work in each."""
+    steps = 0
+    while searching & (hi - lo > 1) & (c_hi - c_lo > SMALL) & (steps < 70):
+        span = hi - lo
+        t1, t2, t3 = search_probes3(lo, hi, c_lo, c_hi, target, bisect)
+        c1, c2, c3 = _count3(keys, cols, t1.to(tl.int32), t2.to(tl.int32), t3.to(tl.int32), CHUNK)
+        # each count narrows the bracket if its key still lies inside it, in ascending order
+        lo, hi, c_lo, c_hi, tv, searching = seed_step(c1, t1, searching, lo, hi, c_lo, c_hi, tv, searching,
+                                                      lo_count, hi_count)
+        lo, hi, c_lo, c_hi, tv, searching = seed_step(c2, t2, searching, lo, hi, c_lo, c_hi, tv, searching,
+                                                      lo_count, hi_count)
+        lo, hi, c_lo, c_hi, tv, searching = seed_step(c3, t3, searching, lo, hi, c_lo, c_hi, tv, searching,
+                                                      lo_count, hi_count)
+        bisect = 2 * (hi - lo) > span
+        steps += 1
+    return lo, hi, c_lo, c_hi, tv, searching
+
+
+@triton.jit
 def _split_ties(keys, sets, cols, q, lo, hi, c_lo, tv, tt, searching, lo_count, hi_count,
                 NEG_TIE: tl.constexpr, HAS_SET: tl.constexpr, CHUNK: tl.constexpr):
     """``(tv, tt)`` of a search that ended still ``searching`` on a bracket ``(lo, hi = lo + 1]``:
@@ -160,21 +203,25 @@ def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexp
     """``(tv, tt)`` of the ``k``-th smallest ``(key, column)`` of the key line (``k >= 1``):
     ``(key < tv) | ((key == tv) & (col <= tt))`` selects exactly ``k`` columns.
 
-    :func:`_search` with two additions that cut the streamed passes (a CPU model of the search
-    on the benchmark's rows, 4096 columns at 60%: ~11.4 -> ~3.1 passes per row):
+    :func:`_search` with additions that cut the streamed passes (counted under the interpreter
+    on the benchmark's rows, 4096 columns at 60%, 10 rows per program: ~10.4 -> ~3.4 probe
+    passes per row, benchmarks/PERF_NOTES.md):
 
     - a *seed*: the launcher's row loop predicts this row's ``k``-th key from the previous row
       of the same program (the previous ``k``-th value over its mean score, times this row's
       mean score) and the stats pass also counts at ``seed -+ spread``, which usually brackets
       the answer tightly before the first probe (any seed gives the same answer: seeds are
       only probes, used when they fall inside the bracket);
+    - *three keys per pass* (:func:`_probe_line3`): the interpolated guess and one member's
+      width either side, so a guess that lands a few columns off still narrows the bracket
+      to those columns (10 rows per program: ~6.1 -> ~3.4 passes per row);
     - an optional *endgame* (``SMALL > 0``, the launcher's ``kth_endgame_cols``; off by
       default): once the bracket ``(lo, hi]`` holds at most ``SMALL`` columns, one pass copies
       their keys to the scratch ``lines`` and :func:`._common.threshold32` picks the wanted one
-      in registers (ties by column included) instead of probing the line on. It saves ~4
-      probes per row but its pass is a scan: ~9x a probe pass's instructions and 12x its
-      barriers in the sm_90 code (``benchmarks/aot_kernels.py``), so it is off until a GPU
-      says otherwise.
+      in registers (ties by column included) instead of probing the line on. It saves ~2
+      probe passes per row but its pass is a scan: ~4x a probe pass's instructions and 9
+      barriers per chunk in the sm_90 code (``benchmarks/aot_kernels.py``), so it is off until
+      a GPU says otherwise.
 
     A tie block at the final key (wider than ``SMALL``) ends in :func:`_search`'s tie split.
     """
@@ -198,8 +245,8 @@ def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexp
     n, vmin, vmax, c1, c2 = tl.reduce((n_acc, lo_acc, hi_acc, s1_acc, s2_acc), 0, combine5)
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = seeded_search_start(
         n, vmin, vmax, c1, c2, t_lo, t_hi, k, k, use_seed)
-    lo, hi, c_lo, c_hi, tv, searching = _probe_line(keys, keys, cols, 0, lo, hi, c_lo, c_hi, tv, searching,
-                                                    target, bisect, lo_count, hi_count, False, CHUNK, SMALL)
+    lo, hi, c_lo, c_hi, tv, searching = _probe_line3(keys, cols, lo, hi, c_lo, c_hi, tv, searching,
+                                                     target, bisect, lo_count, hi_count, CHUNK, SMALL)
     if SMALL > 0:                               # (a compile-time choice: no endgame code otherwise)
         if searching & (c_hi - c_lo <= SMALL):
             # endgame: the few columns in (lo, hi], packed (key, column), ranked in registers
