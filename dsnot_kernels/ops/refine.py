@@ -28,8 +28,8 @@ DEFAULT_CAP = 128          # keys kept per queue before the bitonic sort (>= the
 MAX_CAP = 32768            # per-queue counts share one int64 scan in 16-bit fields
 JOINT_MAX_COLS = 65535     # the joint queue search counts whole rows in 16-bit fields
 # register cap of the streamed kernel's multi-warp unstructured launch: uncapped, ptxas gives it
-# 224 registers at 4 warps (sm_90, AOT), i.e. two programs per SM; at 128 four fit (as for N:M,
-# 128 uncapped), for ~24 spilled loads/stores per row outside its passes over the row
+# ~224 registers at 4 warps (sm_90, AOT), i.e. two programs per SM; at 128 four fit (as for N:M,
+# 128 uncapped), for ~40 spilled loads/stores per row outside its passes over the row
 # (benchmarks/aot_kernels.py; none inside them)
 STREAM_MAXNREG = 128
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
