@@ -59,7 +59,7 @@ def kernel_spec(case: str, dtype: str, cap: int = 128):
     """``(kernel, signature, constexprs, options)`` of one case (``CASES``), as its launcher
     builds them; ``dtype`` is the weight (or activation) dtype: ``fp16``, ``bf16`` or ``fp32``;
     ``cap`` the queue line length ``CAP``."""
-    from dsnot_kernels.ops.refine import STREAM_MAXNREG
+    from dsnot_kernels.ops.refine import STREAM_MAXNREG, stream_mask_chunk
     from dsnot_kernels.ops.refine_cycles import cycles_kernel
     from dsnot_kernels.ops.refine_select import select_kernel
     from dsnot_kernels.ops.refine_select_stream import select_stream_kernel
@@ -79,7 +79,7 @@ def kernel_spec(case: str, dtype: str, cap: int = 128):
                    stride_im="i32", stride_m="i32", pruned_per_row="i32", depth="i32")
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, MPAD=4 if nm else 16384,
                      HAS_MASK=False, HAS_SCORE=False, NQ=2 if nm else 4, TPAD=64, CAP=cap,
-                     STORE_A=not nm, CHUNK=chunk, MASK_CHUNK=chunk if nm else min(chunk, 128 * warps),
+                     STORE_A=not nm, CHUNK=chunk, MASK_CHUNK=stream_mask_chunk(chunk, warps, nm),
                      JOINT=not case.endswith("-serial"), SMALL=64 if case.endswith("-endgame") else 0)
     elif case.startswith("select"):
         fn, warps = select_kernel, 8

@@ -7,6 +7,8 @@ LLaMA sizes on a CUDA device.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -299,8 +301,7 @@ def test_signed_zeros(pattern, init, sparsity, select):
     q = stats.scaler_row.clone()
     q[1::4] = -0.0
     q[2::4] = 0.0
-    stats = dk.LayerStats(sum_metric_row=stats.sum_metric_row, scaler_row=q, var=stats.var,
-                          nsamples=stats.nsamples, ntokens=stats.ntokens)
+    stats = dataclasses.replace(stats, scaler_row=q)
     cfg = dk.RefineConfig(sparsity=sparsity, pattern=pattern, init=init, max_cycle_time=12)
     _check(w.to(DEVICE), stats.to(DEVICE), cfg, f"{pattern}-{init}-signed-zeros-{select}", cap=8,
            select=select, chunk=16)

@@ -109,6 +109,13 @@ def _stream_programs(device: torch.device, per_sm: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count * max(1, int(per_sm))
 
 
+def stream_mask_chunk(chunk: int, warps: int, nm: bool) -> int:
+    """Columns per tile of the streamed kernel's mask pass (its ``MASK_CHUNK``): the chunk for
+    N:M; for unstructured rows at most 4 per thread, as at 8 its values and predicates
+    overflow the registers (still >= the threads when ``chunk`` is: one owner per key)."""
+    return chunk if nm else min(chunk, 4 * 32 * warps)
+
+
 def _joint_search(queue_search: str, cols: int) -> bool:
     """Whether the select kernel searches the queues jointly (``queue_search`` already checked)."""
     if queue_search == "joint" and cols > JOINT_MAX_COLS:
@@ -165,9 +172,9 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     ~10, counted under the interpreter; the result is the same). ``kth_endgame_cols``
     (streamed kernel, unstructured): 0 = the exact ``k``-th search probes the key line until
     it ends; a power of two ``n`` = once its bracket holds at most ``n`` columns, one pass
-    copies them to scratch and the rest runs in registers (fewer passes, but that pass is a
-    scan with ~9x a probe's instructions and barriers in the sm_90 code: kept to be timed
-    against the default on a GPU, ``benchmarks/PERF_NOTES.md``).
+    copies them to scratch and the rest runs in registers (~2 fewer probe passes, but that
+    pass is a scan with ~4x a probe pass's instructions and 9 barriers per chunk in the sm_90
+    code: kept to be timed against the default on a GPU, ``benchmarks/PERF_NOTES.md``).
     """
     _check(problem)
     if select not in ("auto", "rows", "stream"):
@@ -234,8 +241,6 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
             # a chunk narrower than the program's threads is replicated across them, and the
             # mask pass reads then overwrites each key: one owner per key needs chunk >= threads
             chunk = max(chunk, 32 * warps)
-        # the unstructured mask pass walks 4 columns per thread (it is register-bound at 8)
-        mask_chunk = chunk if nm else min(chunk, 4 * 32 * warps)
         keys = torch.empty(nprog, cols, dtype=torch.int32, device=device)
         sets = torch.empty(nprog, cols, dtype=torch.int8, device=device)
         lines = torch.empty(nprog, nq * cap, dtype=torch.int64, device=device)
@@ -249,7 +254,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
             int(problem.pruned_per_row), depth,
             IS_NM=nm, N=n, M=max(m, 1), MPAD=mpad,
             HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
-            NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, CHUNK=chunk, MASK_CHUNK=mask_chunk, JOINT=joint,
+            NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, CHUNK=chunk, MASK_CHUNK=stream_mask_chunk(chunk, warps, nm), JOINT=joint,
             SMALL=min(kth_endgame_cols, nq * cap), num_warps=warps, enable_fp_fusion=False,
             **({"maxnreg": STREAM_MAXNREG} if not nm and warps >= 4 and not INTERPRET else {}),
         )

@@ -136,34 +136,27 @@ def _search(keys, sets, cols, q, lo_count, hi_count, NEG_TIE: tl.constexpr, HAS_
     n, vmin, vmax = count_min_max(n_acc, lo_acc, hi_acc)
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = search_start(
         n, vmin, vmax, lo_count, hi_count)
-    # (while searching, c_lo < lo_count <= hi_count < c_hi: the SMALL = 0 condition always holds)
-    lo, hi, c_lo, c_hi, tv, searching = _probe_line(keys, sets, cols, q, lo, hi, c_lo, c_hi, tv, searching,
-                                                    target, bisect, lo_count, hi_count, HAS_SET, CHUNK, 0)
-    return _split_ties(keys, sets, cols, q, lo, hi, c_lo, tv, tt, searching, lo_count, hi_count,
-                       NEG_TIE, HAS_SET, CHUNK)
-
-
-@triton.jit
-def _probe_line(keys, sets, cols, q, lo, hi, c_lo, c_hi, tv, searching, target, bisect, lo_count,
-                hi_count, HAS_SET: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr):
-    """Counting probes on the line (:func:`._common.search_probe` / ``search_step``, one pass
-    each) until a count lands in ``[lo_count, hi_count]``, the bracket ``(lo, hi]`` closes on one
-    key, or it holds at most ``SMALL`` members; returns ``(lo, hi, c_lo, c_hi, tv, searching)``."""
+    # counting probes, one pass each, until a count lands in [lo_count, hi_count] or the
+    # bracket (lo, hi] closes on one key
     steps = 0
-    while searching & (hi - lo > 1) & (c_hi - c_lo > SMALL) & (steps < 70):
+    while searching & (hi - lo > 1) & (steps < 70):
         mid = search_probe(lo, hi, c_lo, c_hi, target, bisect)
         c = _count(keys, sets, cols, q, mid.to(tl.int32), HAS_SET, CHUNK)
         lo, hi, c_lo, c_hi, tv, searching, bisect = search_step(c, mid, lo, hi, c_lo, c_hi, tv,
                                                                 searching, lo_count, hi_count)
         steps += 1
-    return lo, hi, c_lo, c_hi, tv, searching
+    return _split_ties(keys, sets, cols, q, lo, hi, c_lo, tv, tt, searching, lo_count, hi_count,
+                       NEG_TIE, HAS_SET, CHUNK)
 
 
 @triton.jit
 def _probe_line3(keys, cols, lo, hi, c_lo, c_hi, tv, searching, target, bisect, lo_count, hi_count,
                  CHUNK: tl.constexpr, SMALL: tl.constexpr):
-    """:func:`_probe_line` for the whole key line (no sets), counting three keys per pass
-    (:func:`._common.search_probes3`): fewer dependent passes for a little more work in each."""
+    """Counting probes on the whole key line until a count lands in ``[lo_count, hi_count]``,
+    the bracket ``(lo, hi]`` closes on one key, or it holds at most ``SMALL`` members; three
+    keys per pass (:func:`._common.search_probes3`, each applied like a seed count): fewer
+    dependent passes than :func:`_search`'s one, for a little more work in each. Returns
+    ``(lo, hi, c_lo, c_hi, tv, searching)``."""
     steps = 0
     while searching & (hi - lo > 1) & (c_hi - c_lo > SMALL) & (steps < 70):
         span = hi - lo
@@ -395,8 +388,7 @@ def select_stream_kernel(
     lines = scratch_ptr + pid.to(tl.int64) * (NQ * CAP)
     # the key pass walks [1, CHUNK] tiles; the mask pass [GCH, MPAD] tiles of N:M groups of M
     # columns, or [1, MASK_CHUNK] columns: the launcher makes that 4 columns per thread, as
-    # its values and predicates for 8 overflow the registers (sm_90: 73 -> 61 instructions
-    # per column, benchmarks/PERF_NOTES.md)
+    # its values and predicates for 8 overflow the predicate registers (benchmarks/PERF_NOTES.md)
     GCH: tl.constexpr = MASK_CHUNK // MPAD if IS_NM else 1
     WIDTH: tl.constexpr = MPAD if IS_NM else MASK_CHUNK
     STEP: tl.constexpr = GCH * M if IS_NM else MASK_CHUNK
