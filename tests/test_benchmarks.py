@@ -196,3 +196,35 @@ def test_count_passes_on_real_rows(capsys):
     with pytest.raises(SystemExit):
         count_passes.main(["--model", "smollm2", "--layers", "30", "--rows", "4"])
     assert "--layers must be in 0..29" in capsys.readouterr().err
+
+
+def test_host_overhead_measures_calls_without_kernels(tmp_path, capsys):
+    import host_overhead
+    import dsnot_kernels.ops.refine as launcher
+    kernels = {name: getattr(launcher, name) for name in host_overhead.KERNELS}
+    assert host_overhead.main(["--calls", "3", "--out", str(tmp_path)]) == 0
+    # the real kernels are back after the run
+    assert all(getattr(launcher, name) is kernel for name, kernel in kernels.items())
+    rows = json.loads((tmp_path / "host_overhead.json").read_text())["rows"]
+    assert [(r["call"], r["pattern"]) for r in rows] == [
+        (call, pattern) for pattern in ("unstructured", "2:4")
+        for call in ("build_problem", "refine", "refine_many x3")]
+    by_call = {(r["call"], r["pattern"]): r for r in rows}
+    for pattern in ("unstructured", "2:4"):
+        # refine does what build_problem does and more; every time is a real positive figure
+        assert by_call["refine", pattern]["aten_ops"] > by_call["build_problem", pattern]["aten_ops"] > 0
+        assert by_call["refine", pattern]["ops"]["aminmax"] == 4     # weight + three statistics
+        assert by_call["refine_many x3", pattern]["ops"]["aminmax"] == 6   # statistics judged once
+        assert all(r["median_us"] >= r["min_us"] > 0 for r in rows)
+    assert (tmp_path / "host_overhead.csv").read_text().startswith("call,pattern,shape,median_us")
+    assert "kernels not launched" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [(["--calls", "0"], "--calls must be >= 1"),
+                                           (["--shape", "8x6"], "--shape must be OUTxIN"),
+                                           (["--shape", "big"], "--shape must be OUTxIN")])
+def test_host_overhead_bad_arguments(argv, message, capsys):
+    import host_overhead
+    with pytest.raises(SystemExit):
+        host_overhead.main(argv)
+    assert message in capsys.readouterr().err

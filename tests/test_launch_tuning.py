@@ -77,6 +77,13 @@ def test_candidates_per_problem():
                               "row_programs_per_sm", "kth_endgame_cols"}
 
 
+def test_pow2_is_triton_next_power_of_2():
+    # the launchers' host-side pow2 replaces triton.next_power_of_2 (slow on the host)
+    import triton
+    for n in [*range(-2, 70), 4095, 4096, 4097, 11008, 2 ** 31 - 1, 2 ** 31 + 1, 4096.0]:
+        assert launch_tuning.pow2(n) == triton.next_power_of_2(max(1, int(n))), n
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_fastest_launch_wins_and_is_kept(fake_clock, pattern):
     problem = _problem(9, 64, pattern)

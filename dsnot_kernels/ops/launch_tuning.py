@@ -76,21 +76,24 @@ def launch_name(knobs: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in knobs.items())
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``), in plain Python: on the host
+    ``triton.next_power_of_2`` is a ``constexpr_function`` call, ~4 us each on the CPU, and a
+    ``refine`` asked a dozen of them."""
     return 1 << max(0, int(n) - 1).bit_length()
 
 
 def default_launch(problem: RefineProblem) -> dict:
     """The launch ``auto`` takes untuned: the faster of the two select kernels on an H100 in
     the last GPU measurement (rows for unstructured rows of <= 4096 columns)."""
-    wide = _pow2(problem.weight.shape[1]) > 4096
+    wide = pow2(problem.weight.shape[1]) > 4096
     return {"select": "stream" if problem.is_nm or wide else "rows"}
 
 
 def row_block(problem: RefineProblem) -> int:
     """Width of the row kernel's row tile: ``pow2(in)``, for N:M ``pow2(in / M) * pow2(M)``."""
     cols, m = problem.weight.shape[1], problem.prune_m
-    return _pow2(cols // m) * _pow2(m) if problem.is_nm else _pow2(cols)
+    return pow2(cols // m) * pow2(m) if problem.is_nm else pow2(cols)
 
 
 def candidates(problem: RefineProblem) -> list[dict]:
@@ -117,7 +120,7 @@ def problem_class(problem: RefineProblem, cap: int) -> tuple:
     w = problem.weight
     rows, cols = w.shape
     return (str(w.device), w.dtype, problem.is_nm, problem.prune_n, problem.prune_m,
-            _pow2(cols), row_block(problem), _pow2(rows), _pow2(max(1, min(int(problem.cycles), cols))),
+            pow2(cols), row_block(problem), pow2(rows), pow2(max(1, min(int(problem.cycles), cols))),
             int(cap), problem.initial_mask is not None, problem.init_score is not None,
             bool(problem.moment_check))
 

@@ -15,10 +15,10 @@ import functools
 import os
 
 import torch
-import triton
 
 from ..problem import RefineOutput, RefineProblem
 from . import launch_tuning
+from .launch_tuning import pow2
 from .refine_cycles import cycles_kernel
 from .refine_select import select_kernel
 from .refine_select_stream import select_stream_kernel
@@ -33,10 +33,6 @@ JOINT_MAX_COLS = 65535     # the joint queue search counts whole rows in 16-bit 
 # (benchmarks/aot_kernels.py; none inside them)
 STREAM_MAXNREG = 128
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, int(n)))
 
 
 def _check(problem: RefineProblem) -> None:
@@ -62,8 +58,8 @@ def _check(problem: RefineProblem) -> None:
 def queue_cap(cycles: int, cols: int, cap: int = DEFAULT_CAP) -> int:
     """Keys sorted per queue for a problem of ``cycles`` and ``cols``: at least the queue depth
     ``pow2(min(cycles, cols))``, else ``cap`` (both capped by the padded row)."""
-    tpad = _pow2(max(1, min(int(cycles), cols)))
-    return max(tpad, _pow2(min(cap, _pow2(cols))))
+    tpad = pow2(max(1, min(int(cycles), cols)))
+    return max(tpad, pow2(min(cap, pow2(cols))))
 
 
 def limit_reason(cycles: int, cols: int, nm: bool, device: torch.device,
@@ -83,7 +79,7 @@ def limit_reason(cycles: int, cols: int, nm: bool, device: torch.device,
         return None              # the interpreter has no limit; every CUDA GPU offers 48 KiB
     have = _shared_memory_per_block(device)
     if need > have:
-        most = _pow2(have // (nq * 8) + 1) // 2        # the largest power-of-two cap that fits
+        most = pow2(have // (nq * 8) + 1) // 2        # the largest power-of-two cap that fits
         return (f"max_cycle_time={cycles} needs {need // 1024} KiB of shared memory per program "
                 f"for the triton backend's queue sort; {torch.cuda.get_device_name(device)} "
                 f"offers {have // 1024} KiB: use max_cycle_time <= {most} or backend='torch'")
@@ -212,13 +208,13 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     nm = problem.is_nm
     n, m = (problem.prune_n, problem.prune_m) if nm else (0, 0)
     if nm:
-        mpad, gpad = _pow2(m), _pow2(cols // m)
+        mpad, gpad = pow2(m), pow2(cols // m)
     else:
-        mpad, gpad = _pow2(cols), 1
+        mpad, gpad = pow2(cols), 1
     nq = 2 if nm else 4
     cycles = int(problem.cycles)
     depth = max(1, min(cycles, cols))
-    tpad = _pow2(depth)
+    tpad = pow2(depth)
     reason = limit_reason(cycles, cols, nm, device, cap)
     if reason is not None:
         raise ValueError(reason)
@@ -236,7 +232,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     if select == "stream":
         nprog = min(rows, _stream_programs(device, programs_per_sm))
         warps = num_warps or 4
-        chunk = max(mpad if nm else 1, min(_pow2(chunk), _pow2(cols)))
+        chunk = max(mpad if nm else 1, min(pow2(chunk), pow2(cols)))
         if not INTERPRET:
             # a chunk narrower than the program's threads is replicated across them, and the
             # mask pass reads then overwrites each key: one owner per key needs chunk >= threads
@@ -283,13 +279,13 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
 
     error_before = torch.empty(rows, dtype=torch.float32, device=device)
     error_after = torch.empty(rows, dtype=torch.float32, device=device)
-    hpad = _pow2(cycles) if nm else 1
+    hpad = pow2(cycles) if nm else 1
     # rows per program: 128 lanes, fewer when the N:M history/rank tiles get wide
     budget = max(1, min(128, 4096 // (hpad * (mpad * mpad if nm else 1))))
-    block_r = min(1 << (budget.bit_length() - 1), _pow2(rows))
+    block_r = min(1 << (budget.bit_length() - 1), pow2(rows))
     if block_rows is not None:
-        block_r = _pow2(block_rows)
-    cycles_kernel[(triton.cdiv(rows, block_r),)](
+        block_r = pow2(block_rows)
+    cycles_kernel[(-(-rows // block_r),)](
         w, problem.sum_metric_row, problem.sqrt_scaler_row, scale,
         iscore if iscore is not None else dummy_f, _params(problem, device),
         mask_u8, e0, queues, qd, qa, swaps, error_before, error_after,

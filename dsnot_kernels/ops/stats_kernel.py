@@ -85,13 +85,14 @@ def batch_partial_sums(x: torch.Tensor):
     if batch == 0 or seq == 0 or width == 0:
         z = torch.zeros(width, dtype=torch.float64, device=x.device)
         return z, z.clone(), z.clone()
-    if triton.cdiv(width, BLOCK_C) > 65535:
+    col_blocks = -(-width // BLOCK_C)      # (triton.cdiv is a constexpr_function: slow on the host)
+    if col_blocks > 65535:
         raise ValueError(f"x has in={width} features; the statistics kernel takes at most {65535 * BLOCK_C}")
     # no FMA contraction: the GPU then rounds each product and sum as the interpreter and
     # the float64 torch path do
     # Triton launches on the current device: make it x's (cuda:1 is not always current)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        stats_kernel[(batch, triton.cdiv(width, BLOCK_C))](
+        stats_kernel[(batch, col_blocks)](
             x, out, seq, width, x.stride(0), x.stride(1), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
             num_warps=4, enable_fp_fusion=False)
     total = out.sum(0)
