@@ -44,7 +44,7 @@ CASES = {
     "select-unstructured": "fp16", "select-unstructured-seeded": "fp16", "select-nm": "bf16",
     "stream-unstructured": "fp16", "stream-nm": "bf16", "select-unstructured-serial": "fp16",
     "stream-nm-serial": "bf16", "stream-unstructured-narrow": "fp16",
-    "stream-unstructured-1warp": "fp16", "stream-nm-1warp": "bf16", "stream-unstructured-endgame": "fp16",
+    "stream-unstructured-1warp": "fp16", "stream-nm-1warp": "bf16", "stream-unstructured-serial": "fp16",
     "cycles-unstructured": "fp16", "cycles-nm": "fp32", "stats": "fp16",
 }
 CENSUS_CASES = ("select-unstructured", "select-unstructured-seeded", "stream-unstructured",
@@ -80,7 +80,7 @@ def kernel_spec(case: str, dtype: str, cap: int = 128):
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, MPAD=4 if nm else 16384,
                      HAS_MASK=False, HAS_SCORE=False, NQ=2 if nm else 4, TPAD=64, CAP=cap,
                      STORE_A=not nm, CHUNK=chunk, MASK_CHUNK=stream_mask_chunk(chunk, warps, nm),
-                     JOINT=not case.endswith("-serial"), SMALL=64 if case.endswith("-endgame") else 0)
+                     JOINT=not case.endswith("-serial"))
     elif case.startswith("select"):
         fn, warps = select_kernel, 8
         sig = dict(w_ptr=w, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",

@@ -57,18 +57,16 @@ def counting_calls():
 
 
 def count_passes(rows: int, cols: int, pattern: str = "unstructured", programs: int = 3,
-                 chunk: int = 1024, select: str = "stream", kth_endgame_cols: int = 0) -> dict:
+                 chunk: int = 1024, select: str = "stream") -> dict:
     """Passes per row of ``refine_triton(select=select)`` on ``make_problem(rows, cols)``
     (60% unstructured or N:M) with ``programs`` programs looping over the rows (``"rows"``:
-    the persistent row kernel, unstructured only; ``kth_endgame_cols``: the streamed
-    kernel's register endgame, 0 = none); raises if it differs from torch."""
+    the persistent row kernel, unstructured only); raises if it differs from torch."""
     weight, stats = make_problem(rows, cols, "cpu")
-    return count_passes_on(weight, stats, pattern, programs, chunk, select, kth_endgame_cols)
+    return count_passes_on(weight, stats, pattern, programs, chunk, select)
 
 
 def count_passes_on(weight: torch.Tensor, stats: dk.LayerStats, pattern: str = "unstructured",
-                    programs: int = 3, chunk: int = 1024, select: str = "stream",
-                    kth_endgame_cols: int = 0) -> dict:
+                    programs: int = 3, chunk: int = 1024, select: str = "stream") -> dict:
     """:func:`count_passes` on a given weight ``[rows, in]`` and its statistics."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("count_passes needs TRITON_INTERPRET=1 before triton is imported")
@@ -80,8 +78,7 @@ def count_passes_on(weight: torch.Tensor, stats: dk.LayerStats, pattern: str = "
     launcher._stream_programs = lambda device, per_sm: programs
     try:
         with counting_calls() as calls:
-            knobs = (dict(chunk=chunk, kth_endgame_cols=kth_endgame_cols) if select == "stream"
-                     else dict(row_programs_per_sm=1))
+            knobs = dict(chunk=chunk) if select == "stream" else dict(row_programs_per_sm=1)
             out = launcher.refine_triton(problem, select=select, **knobs)
     finally:
         launcher._stream_programs = saved
@@ -89,16 +86,14 @@ def count_passes_on(weight: torch.Tensor, stats: dk.LayerStats, pattern: str = "
     if not (torch.equal(out.pruned_mask, expected.pruned_mask) and torch.equal(out.swaps, expected.swaps)):
         raise AssertionError(f"{rows}x{cols} {pattern}: the {select} kernel differs from the torch backend")
     # probes of the k-th search of the initial mask (unstructured), after its stats pass: the
-    # streamed kernel's are the _count3 passes over its key line (three keys each; its register
-    # endgame costs one _compact pass, then probes in registers); the row kernel's are its block
-    # reductions, a
-    # search_step each that is neither a joint queue probe (joint_step) nor a seed (seed_step,
-    # counted in the stats reduction)
+    # streamed kernel's are the _count3 passes over its key line (three keys each); the row
+    # kernel's are its block reductions, a search_step each that is neither a joint queue probe
+    # (joint_step) nor a seed (seed_step, counted in the stats reduction)
     kth_probes = (calls["_count3"] if select == "stream" else
                   calls["search_step"] - calls["joint_step"] - calls["seed_step"])
     return {"shape": f"{rows}x{cols}", "pattern": pattern, "select": select, "programs": programs,
             "queue_probe_passes": calls["joint_step"] / rows, "queue_tie_passes": calls["joint_tie_step"] / rows,
-            "kth_probe_passes": kth_probes / rows, "kth_endgame_passes": calls["_compact"] / rows}
+            "kth_probe_passes": kth_probes / rows}
 
 
 def model_sublayers(model: str, layer_ids: list[int], rows: int, nsamples: int = 8, seqlen: int = 256,
@@ -135,9 +130,7 @@ def _report(label: str, r: dict, rows: int, select: str) -> None:
     print(f"{label} {select} {r['pattern']:>12} programs={r['programs']:3d} "
           f"({rows / r['programs']:.1f} rows each): "
           f"queue probe passes/row {r['queue_probe_passes']:.2f}, tie passes/row "
-          f"{r['queue_tie_passes']:.2f}; k-th probe passes/row {r['kth_probe_passes']:.2f}"
-          + (f", k-th endgame passes/row {r['kth_endgame_passes']:.2f}"   # (no endgame: rows)
-             if select == "stream" else ""), flush=True)
+          f"{r['queue_tie_passes']:.2f}; k-th probe passes/row {r['kth_probe_passes']:.2f}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -146,9 +139,6 @@ def main(argv=None) -> int:
     parser.add_argument("--patterns", default="unstructured,2:4")
     parser.add_argument("--programs", default="3,12", help="comma-separated program counts")
     parser.add_argument("--select", default="stream", choices=("stream", "rows"))
-    parser.add_argument("--kth-endgame-cols", type=int, default=0,
-                        help="streamed kernel: finish the k-th search in registers below this "
-                             "bracket size (0 = never, the default; 64 = the old default)")
     parser.add_argument("--model", default=None,
                         help="count on real rows of this model's linear sublayers instead of "
                              "--shapes (smollm2 = the packaged SmolLM2-135M-Instruct)")
@@ -170,8 +160,7 @@ def main(argv=None) -> int:
         for name, weight, stats in sublayers:
             for pattern in args.patterns.split(","):
                 for programs in programs_list:
-                    r = count_passes_on(weight, stats, pattern, programs, select=args.select,
-                                        kth_endgame_cols=args.kth_endgame_cols)
+                    r = count_passes_on(weight, stats, pattern, programs, select=args.select)
                     _report(f"{name} {weight.shape[0]}x{weight.shape[1]}", r, weight.shape[0], args.select)
         return 0
     for shape in args.shapes.split(","):
@@ -181,8 +170,7 @@ def main(argv=None) -> int:
             parser.error(f"--shapes entries must be ROWSxCOLS, got {shape!r}")
         for pattern in args.patterns.split(","):
             for programs in programs_list:
-                r = count_passes(rows, cols, pattern, programs, select=args.select,
-                                 kth_endgame_cols=args.kth_endgame_cols)
+                r = count_passes(rows, cols, pattern, programs, select=args.select)
                 _report(r["shape"], r, rows, args.select)
     return 0
 

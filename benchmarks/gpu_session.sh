@@ -36,12 +36,12 @@ dest="${OUT:-/tmp}/gpu_session"
 mkdir -p "$dest"
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 # extra triton rows of the bench (full refine time, LLaMA-7B set included): the streamed kernel
-# with and without its k-th search's register endgame (off by default since 2026-12-01). The
-# other launches in question (row kernel one per row or persistent, streamed at 8 or 4
+# pinned, beside auto (which picks among its candidates on the first call). The other launches
+# in question (row kernel one per row or persistent, streamed at 8 or 4
 # programs per SM or as a warp per row, serial queue search) are auto's tuning candidates:
 # their select+cycles times for every problem class land in the bench JSON's
 # triton_tuned_launches, so they need no rows of their own (fewer compiles and runs)
-VARIANTS="${VARIANTS-select=stream;select=stream,kth_endgame_cols=64}"
+VARIANTS="${VARIANTS-select=stream}"
 BUDGET_S="${BUDGET_S:-480}"
 started=$SECONDS
 

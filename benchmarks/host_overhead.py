@@ -8,8 +8,8 @@ each), so a call's host work -- input checks, column factors, allocations, the l
 arithmetic -- counts next to its kernels, and at 4096x4096 the host side was ~0.3 ms of a
 ~1.2 ms call on the H100 (``PERF_NOTES.md``). That Python work does not need a GPU to be
 measured: this script runs the triton backend on the CPU (``TRITON_INTERPRET=1``, set here
-before Triton loads) with its three kernel launches replaced by no-ops, on a small problem
-so that the torch operations' own arithmetic is negligible, and reports per call:
+before Triton loads) with its three kernels replaced by no-ops, on a small problem so that
+the torch operations' own arithmetic is negligible, and reports per call:
 
 - the median host time of ``build_problem`` (checks judged), of ``refine`` and of
   ``refine_many`` over three layers (q/k/v), side by side;
@@ -17,9 +17,11 @@ so that the torch operations' own arithmetic is negligible, and reports per call
   are one kernel launch each (``empty`` and views are not), so their number is what the GPU
   side of the host time scales with.
 
-A GPU adds to these the CUDA launch cost of each operation and of the two Triton launches
-(measured there by ``profile_refine.py``'s host time per call); this measures the Python part
-that every device pays.
+A GPU adds to these the CUDA launch cost of each operation, Triton's own launch path (argument
+binding and specialisation, stubbed out here) for the two kernel launches, and a little
+CUDA-only host work (the verdicts' pinned copy and event, the device context, the tuned
+launch's lookup); ``profile_refine.py`` measures a call's whole host time there. This measures
+the Python part that every device pays.
 """
 from __future__ import annotations
 
@@ -124,11 +126,17 @@ def main(argv=None) -> int:
             raise ValueError
     except ValueError:
         parser.error(f"--shape must be OUTxIN with OUT >= 1 and IN a multiple of 4, got {args.shape!r}")
+    import dsnot_kernels.ops.refine as launcher
+    if not launcher.INTERPRET:
+        parser.error("host_overhead.py runs the triton backend on the CPU: it needs "
+                     "TRITON_INTERPRET=1 before Triton loads (unset it or set it to 1)")
     machine = machine_name("cpu")
     out_dir = Path(args.out) if args.out else RESULTS / machine
     print(f"machine: {machine}; python {platform.python_version()}; torch {torch.__version__}; "
           f"layers {out_f}x{in_f} fp16; kernels not launched")
     rows = []
+    summary = {"machine": machine, "python": platform.python_version(), "torch": torch.__version__,
+               "calls": args.calls, "rows": rows}
     with kernels_skipped():
         for name, pattern, fn in cases(out_f, in_f):
             result = measure(fn, args.calls)
@@ -136,9 +144,7 @@ def main(argv=None) -> int:
             print(f"  {name:<15} {pattern:<13} median {result['median_us']:7.1f} us  "
                   f"min {result['min_us']:7.1f} us  aten ops {result['aten_ops']:3d}  "
                   + ", ".join(f"{op} {n}" for op, n in result["ops"].items()), flush=True)
-    summary = {"machine": machine, "python": platform.python_version(), "torch": torch.__version__,
-               "calls": args.calls, "rows": rows}
-    write_results_atomic(out_dir, "host_overhead", summary, rows)
+            write_results_atomic(out_dir, "host_overhead", summary, rows)   # kept if interrupted
     print(f"saved {out_dir / 'host_overhead.json'} and .csv")
     return 0
 

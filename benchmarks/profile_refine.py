@@ -36,7 +36,6 @@ SWEEP = [
     {"select": "stream", "chunk": 512}, {"select": "stream", "chunk": 2048},
     {"select": "stream", "programs_per_sm": 4}, {"select": "stream", "programs_per_sm": 3},
     {"select": "stream", "programs_per_sm": 2},
-    {"select": "stream", "kth_endgame_cols": 64}, {"select": "stream", "programs_per_sm": 4, "kth_endgame_cols": 64},
     {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 4},  # seeds: more rows per program
     {"select": "stream", "num_warps": 2, "chunk": 256, "programs_per_sm": 8},
     {"select": "stream", "num_warps": 2, "chunk": 256, "programs_per_sm": 16},

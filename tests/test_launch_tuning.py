@@ -74,7 +74,7 @@ def test_candidates_per_problem():
     # every candidate is a valid refine_triton launch: the knobs it names exist
     for knobs in launch_tuning.CANDIDATES:
         assert set(knobs) <= {"select", "programs_per_sm", "num_warps", "chunk", "queue_search",
-                              "row_programs_per_sm", "kth_endgame_cols"}
+                              "row_programs_per_sm"}
 
 
 def test_pow2_is_triton_next_power_of_2():

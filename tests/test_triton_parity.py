@@ -145,18 +145,14 @@ def test_ties_in_every_queue(select, queue_search):
 
 
 @pytest.mark.parametrize("launch", [dict(select="stream", chunk=16), dict(select="stream", chunk=64),
-                                    dict(select="stream", chunk=16, kth_endgame_cols=64),
-                                    dict(select="stream", chunk=64, kth_endgame_cols=16),
                                     dict(select="rows", row_programs_per_sm=1)],
-                         ids=["stream-chunk16", "stream-chunk64", "stream-chunk16-endgame64",
-                              "stream-chunk64-endgame16", "rows-seeded"])
+                         ids=["stream-chunk16", "stream-chunk64", "rows-seeded"])
 def test_kth_seed_across_rows(launch):
     """The streamed kernel (and the row kernel with ``row_programs_per_sm``) seeds each row's
-    k-th search from the previous row of its program (scaled by the rows' mean scores); with
-    ``kth_endgame_cols`` the streamed one finishes small brackets in registers. Seeds are only
-    probes, so rows that break the prediction must still come out exact: scales over six
-    decades, an all-zero row (mean score 0), a row of equal weights (one tie block wider than
-    the register endgame), a row with one huge weight; 3 programs under the interpreter, so
+    k-th search from the previous row of its program (scaled by the rows' mean scores). Seeds
+    are only probes, so rows that break the prediction must still come out exact: scales over
+    six decades, an all-zero row (mean score 0), a row of equal weights (one tie block: the
+    tie split by column), a row with one huge weight; 3 programs under the interpreter, so
     each program sees ~10 consecutive rows."""
     gen = torch.Generator().manual_seed(21)
     out, inn = 30, 150
@@ -166,7 +162,7 @@ def test_kth_seed_across_rows(launch):
     w[11, 3] = 1e4
     _, stats = _layer(out, inn, "fp32", seed=21)
     cfg = dk.RefineConfig(sparsity=0.6, max_cycle_time=12, update_threshold=0.0)
-    for cap in (8, 256):                    # endgame (if any) of at most 32 columns at cap 8
+    for cap in (8, 256):
         _check(w.to(DEVICE), stats, cfg, f"seeded-kth-{launch}-cap{cap}", cap=cap, **launch)
 
 
@@ -211,9 +207,6 @@ def test_persistent_row_kernel(pattern, given_mask):
     problem, _ = dk.build_problem(w, stats, cfg)
     with pytest.raises(ValueError, match="row_programs_per_sm"):
         refine_triton(problem, row_programs_per_sm=-1)
-    for bad in (-1, 3, True, 2.0):
-        with pytest.raises(ValueError, match="kth_endgame_cols must be 0 or a power of two"):
-            refine_triton(problem, select="stream", kth_endgame_cols=bad)
 
 
 @pytest.mark.parametrize("select", ["rows", "stream"])
@@ -351,8 +344,7 @@ def test_too_many_cycles_for_triton(monkeypatch):
 GPU_KNOBS = [{}, {"select": "rows", "queue_search": "serial"}, {"select": "stream", "queue_search": "serial"},
              {"select": "rows", "queue_search": "joint"}, {"select": "stream", "queue_search": "joint"},
              {"select": "stream", "num_warps": 1, "chunk": 128, "programs_per_sm": 16},
-             {"select": "rows", "row_programs_per_sm": 1},
-             {"select": "stream", "kth_endgame_cols": 64}]
+             {"select": "rows", "row_programs_per_sm": 1}]
 
 
 @pytest.mark.gpu

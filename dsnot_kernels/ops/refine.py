@@ -146,8 +146,7 @@ def _on_weight_device(fn):
 def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
                   num_warps: int | None = None, block_rows: int | None = None,
                   select: str = "auto", programs_per_sm: int = 8, chunk: int = 1024,
-                  queue_search: str = "auto", row_programs_per_sm: int = 0,
-                  kth_endgame_cols: int = 0) -> RefineOutput:
+                  queue_search: str = "auto", row_programs_per_sm: int = 0) -> RefineOutput:
     """SPEC §2-§5 for every row of ``problem`` in two Triton launches; exactly the reference.
 
     ``cap`` (a power of two) bounds the keys per queue that are sorted; it only changes speed
@@ -165,12 +164,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     kernel, unstructured rows without a given mask; else ignored): 0 = one program per row;
     ``n > 0`` = ``n`` programs per SM that loop over the rows, each seeding the exact ``k``-th
     search of the initial mask from its previous row (~5 block reductions per row instead of
-    ~10, counted under the interpreter; the result is the same). ``kth_endgame_cols``
-    (streamed kernel, unstructured): 0 = the exact ``k``-th search probes the key line until
-    it ends; a power of two ``n`` = once its bracket holds at most ``n`` columns, one pass
-    copies them to scratch and the rest runs in registers (~2 fewer probe passes, but that
-    pass is a scan with ~4x a probe pass's instructions and 9 barriers per chunk in the sm_90
-    code: kept to be timed against the default on a GPU, ``benchmarks/PERF_NOTES.md``).
+    ~10, counted under the interpreter; the result is the same).
     """
     _check(problem)
     if select not in ("auto", "rows", "stream"):
@@ -181,17 +175,13 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     if not isinstance(row_programs_per_sm, int) or isinstance(row_programs_per_sm, bool) \
             or row_programs_per_sm < 0:
         raise ValueError(f"row_programs_per_sm must be an int >= 0, got {row_programs_per_sm!r}")
-    if not isinstance(kth_endgame_cols, int) or isinstance(kth_endgame_cols, bool) \
-            or kth_endgame_cols < 0 or kth_endgame_cols & (kth_endgame_cols - 1):
-        raise ValueError(f"kth_endgame_cols must be 0 or a power of two, got {kth_endgame_cols!r}")
     if queue_search not in ("auto", "joint", "serial"):
         raise ValueError(f"queue_search must be 'auto', 'joint' or 'serial', got {queue_search!r}")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps}")
     if select == "auto":
-        knobs = (num_warps, block_rows, programs_per_sm, chunk, queue_search, row_programs_per_sm,
-                 kth_endgame_cols)
-        if knobs == (None, None, 8, 1024, "auto", 0, 0) and launch_tuning.applies(problem):
+        knobs = (num_warps, block_rows, programs_per_sm, chunk, queue_search, row_programs_per_sm)
+        if knobs == (None, None, 8, 1024, "auto", 0) and launch_tuning.applies(problem):
             return launch_tuning.tuned_refine(problem, cap, functools.partial(refine_triton, problem, cap))
         select = launch_tuning.default_launch(problem)["select"]
     w = problem.weight.contiguous()
@@ -251,7 +241,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
             IS_NM=nm, N=n, M=max(m, 1), MPAD=mpad,
             HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
             NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, CHUNK=chunk, MASK_CHUNK=stream_mask_chunk(chunk, warps, nm), JOINT=joint,
-            SMALL=min(kth_endgame_cols, nq * cap), num_warps=warps, enable_fp_fusion=False,
+            num_warps=warps, enable_fp_fusion=False,
             **({"maxnreg": STREAM_MAXNREG} if not nm and warps >= 4 and not INTERPRET else {}),
         )
     else:

@@ -15,8 +15,7 @@ Per row:
 
 1. unstructured, no given mask: keys = ordered_int32(init score) -> the exact ``k``-th key
    by :func:`_kth_search` (interpolation/bisection on streamed counts, three keys counted
-   per pass, seeded from the program's previous row; optionally finished in registers once
-   the bracket holds <= ``SMALL`` columns; tie split by column);
+   per pass, seeded from the program's previous row; tie split by column);
 2. one pass per chunk: the initial mask (threshold / given mask / N:M group rank) is written,
    ``e0 = Σ_{pruned} (double) D`` accumulated, and each weight's queue id and queue key stored
    (``D = w*S``, ``G = div_rn(D, V^p)``, ``A = |w|*sqrt(Q)``):
@@ -52,7 +51,7 @@ from ._common import (INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, any_true, comb
                       queue_seed_learn, queue_seed_state, queue_stats_merge, queue_stats_parts,
                       queue_stats_reduce, search_probe, search_probes3, search_start, search_step,
                       seed_learn, seed_predict, seed_probes, seed_state, seed_step, seeded_search_start,
-                      store_queues, threshold32, tie_start, tie_step, unpack_counts)
+                      store_queues, tie_start, tie_step, unpack_counts)
 
 
 @triton.jit
@@ -151,14 +150,14 @@ def _search(keys, sets, cols, q, lo_count, hi_count, NEG_TIE: tl.constexpr, HAS_
 
 @triton.jit
 def _probe_line3(keys, cols, lo, hi, c_lo, c_hi, tv, searching, target, bisect, lo_count, hi_count,
-                 CHUNK: tl.constexpr, SMALL: tl.constexpr):
-    """Counting probes on the whole key line until a count lands in ``[lo_count, hi_count]``,
-    the bracket ``(lo, hi]`` closes on one key, or it holds at most ``SMALL`` members; three
+                 CHUNK: tl.constexpr):
+    """Counting probes on the whole key line until a count lands in ``[lo_count, hi_count]``
+    or the bracket ``(lo, hi]`` closes on one key; three
     keys per pass (:func:`._common.search_probes3`, each applied like a seed count): fewer
     dependent passes than :func:`_search`'s one, for a little more work in each. Returns
     ``(lo, hi, c_lo, c_hi, tv, searching)``."""
     steps = 0
-    while searching & (hi - lo > 1) & (c_hi - c_lo > SMALL) & (steps < 70):
+    while searching & (hi - lo > 1) & (steps < 70):
         span = hi - lo
         t1, t2, t3 = search_probes3(lo, hi, c_lo, c_hi, target, bisect)
         c1, c2, c3 = _count3(keys, cols, t1.to(tl.int32), t2.to(tl.int32), t3.to(tl.int32), CHUNK)
@@ -192,7 +191,7 @@ def _split_ties(keys, sets, cols, q, lo, hi, c_lo, tv, tt, searching, lo_count, 
 
 
 @triton.jit
-def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexpr, SMALL: tl.constexpr):
+def _kth_search(keys, cols, k, seed, spread, use_seed, CHUNK: tl.constexpr):
     """``(tv, tt)`` of the ``k``-th smallest ``(key, column)`` of the key line (``k >= 1``):
     ``(key < tv) | ((key == tv) & (col <= tt))`` selects exactly ``k`` columns.
 
@@ -207,16 +206,14 @@ def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexp
       only probes, used when they fall inside the bracket);
     - *three keys per pass* (:func:`_probe_line3`): the interpolated guess and one member's
       width either side, so a guess that lands a few columns off still narrows the bracket
-      to those columns (10 rows per program: ~6.1 -> ~3.4 passes per row);
-    - an optional *endgame* (``SMALL > 0``, the launcher's ``kth_endgame_cols``; off by
-      default): once the bracket ``(lo, hi]`` holds at most ``SMALL`` columns, one pass copies
-      their keys to the scratch ``lines`` and :func:`._common.threshold32` picks the wanted one
-      in registers (ties by column included) instead of probing the line on. It saves ~2
-      probe passes per row but its pass is a scan: ~4x a probe pass's instructions and 9
-      barriers per chunk in the sm_90 code (``benchmarks/aot_kernels.py``), so it is off until
-      a GPU says otherwise.
+      to those columns (10 rows per program: ~6.1 -> ~3.4 passes per row).
 
-    A tie block at the final key (wider than ``SMALL``) ends in :func:`_search`'s tie split.
+    A register endgame (the last few bracketed columns copied to scratch and ranked in
+    registers: ~2 fewer probe passes per row, but its copy pass is a scan with ~4x a probe
+    pass's instructions and 9 barriers per chunk in the sm_90 code) was measured out by
+    instruction and barrier counts and removed (``benchmarks/PERF_NOTES.md``).
+
+    A tie block at the final key ends in :func:`_search`'s tie split.
     """
     t_lo, t_hi = seed_probes(seed, spread)
     # the stats pass walks narrower tiles: five accumulators
@@ -239,27 +236,8 @@ def _kth_search(keys, lines, cols, k, seed, spread, use_seed, CHUNK: tl.constexp
     lo_count, hi_count, lo, hi, c_lo, c_hi, tv, tt, searching, target, bisect = seeded_search_start(
         n, vmin, vmax, c1, c2, t_lo, t_hi, k, k, use_seed)
     lo, hi, c_lo, c_hi, tv, searching = _probe_line3(keys, cols, lo, hi, c_lo, c_hi, tv, searching,
-                                                     target, bisect, lo_count, hi_count, CHUNK, SMALL)
-    if SMALL > 0:                               # (a compile-time choice: no endgame code otherwise)
-        if searching & (c_hi - c_lo <= SMALL):
-            # endgame: the few columns in (lo, hi], packed (key, column), ranked in registers
-            _compact(keys, keys, lines, cols, 0, lo, hi.to(tl.int32), INT32_MAX, False, False, CHUNK)
-            tl.debug_barrier()                      # the packed keys are visible to every thread
-            slot = tl.arange(0, SMALL)
-            live = slot < (c_hi - c_lo)
-            packed = tl.load(lines + slot, mask=live, other=0)
-            v = (packed >> 32).to(tl.int32)
-            col = ((packed & 0xFFFFFFFF) - 2147483648).to(tl.int32)      # (queue_key's tie offset)
-            need = (k - c_lo).to(tl.int32)
-            sv, st = threshold32(v, col, live, need, need)
-            # the largest selected pair is the line-wide threshold (all need <= live candidates may
-            # be selected, where threshold32 answers "all" with INT32_MAX)
-            sel = live & ((v < sv) | ((v == sv) & (col <= st)))
-            tv = tl.max(tl.where(sel, v, INT32_MIN), axis=0)
-            tt = tl.max(tl.where(sel & (v == tv), col, INT32_MIN), axis=0)
-            tl.debug_barrier()                      # read before the lines are reset
-            searching = False
-    # (a tie block at key hi wider than SMALL straddles the count: split by column)
+                                                     target, bisect, lo_count, hi_count, CHUNK)
+    # (a tie block at key hi straddles the count: split by column)
     return _split_ties(keys, keys, cols, 0, lo, hi, c_lo, tv, tt, searching, lo_count, hi_count,
                        False, False, CHUNK)
 
@@ -379,7 +357,7 @@ def select_stream_kernel(
     IS_NM: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MPAD: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SCORE: tl.constexpr,
     NQ: tl.constexpr, TPAD: tl.constexpr, CAP: tl.constexpr, STORE_A: tl.constexpr,
-    CHUNK: tl.constexpr, MASK_CHUNK: tl.constexpr, JOINT: tl.constexpr, SMALL: tl.constexpr,
+    CHUNK: tl.constexpr, MASK_CHUNK: tl.constexpr, JOINT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -431,8 +409,8 @@ def select_stream_kernel(
                 mean_score = tl.sum(tl.sum(score_sum, axis=1), axis=0) / cols
                 seed, spread = seed_predict(mean_score, ratio, miss)
                 # (k = 0 prunes nothing: the mask pass ignores the threshold of its k = 1 search)
-                tv, tt = _kth_search(keys, lines, cols, pruned_per_row + (pruned_per_row == 0), seed, spread,
-                                     have_ratio != 0, CHUNK, SMALL)
+                tv, tt = _kth_search(keys, cols, pruned_per_row + (pruned_per_row == 0), seed, spread,
+                                     have_ratio != 0, CHUNK)
                 # the seed of the next row (a prediction is only a probe: any value is exact)
                 ratio, miss, have_ratio = seed_learn(tv, seed, mean_score, ratio, miss, have_ratio)
                 tl.debug_barrier()
