@@ -26,11 +26,14 @@ LayerLike = Union[nn.Linear, torch.Tensor]
 # input checks
 # --------------------------------------------------------------------------------------------
 def _weight_of(layer: LayerLike, name: str = "layer") -> torch.Tensor:
-    if isinstance(layer, nn.Module):
-        weight = getattr(layer, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"{name} must be an nn.Linear or a weight tensor [out, in]; "
-                            f"{type(layer).__name__} has no weight tensor")
+    if isinstance(layer, nn.Linear):
+        weight = layer.weight
+    elif isinstance(layer, nn.Module):
+        # other modules' 2-D weights need not be [out, in] (transformers' Conv1D stores [in, out],
+        # an Embedding [vocab, dim]): refining one as if it were would be silently wrong
+        raise TypeError(f"{name} must be an nn.Linear or a weight tensor [out, in], got a "
+                        f"{type(layer).__name__} module: pass its weight as a tensor [out, in] "
+                        f"(e.g. a Conv1D's weight.T)")
     elif isinstance(layer, torch.Tensor):
         weight = layer
     else:
@@ -377,7 +380,10 @@ def apply_mask_(layer: LayerLike, mask: Union[torch.Tensor, RefineResult]) -> No
     ``mask`` is a bool ``[out, in]`` tensor (True = pruned) or a :class:`RefineResult`; a result
     that carries ``updated_weight`` (SparseGPT) first writes those weights into the layer.
     """
-    weight = getattr(layer, "weight", None) if isinstance(layer, nn.Module) else layer
+    if isinstance(layer, nn.Module) and not isinstance(layer, nn.Linear):
+        raise TypeError(f"layer must be an nn.Linear or a weight tensor [out, in], got a "
+                        f"{type(layer).__name__} module: pass its weight as a tensor")
+    weight = layer.weight if isinstance(layer, nn.Linear) else layer
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"layer must be an nn.Linear or a weight tensor, got {type(layer).__name__}")
     updated = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import re
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
@@ -16,6 +17,17 @@ import torch
 INIT_METHODS = ("wanda", "magnitude", "sparsegpt")
 PRESETS = ("original", "robust")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def _as_count(value) -> Optional[int]:
+    """``value`` as an int >= 0 if it is an integer (Python, numpy or torch; not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        count = operator.index(value)
+    except TypeError:
+        return None
+    return count if count >= 0 else None
 
 
 @dataclass
@@ -151,8 +163,7 @@ class RefineConfig:
                 raise TypeError(f"{name} must be a float, got {value!r}")
         if self.init not in INIT_METHODS:
             raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
-        if not isinstance(self.max_cycle_time, int) or isinstance(self.max_cycle_time, bool) \
-                or self.max_cycle_time < 0:
+        if _as_count(self.max_cycle_time) is None:
             raise ValueError(f"max_cycle_time must be an int >= 0, got {self.max_cycle_time!r}")
         if not math.isfinite(float(self.update_threshold)) or self.update_threshold < 0:
             raise ValueError(f"update_threshold must be a finite float >= 0, got {self.update_threshold!r}")

@@ -114,6 +114,8 @@ BAD_INPUTS = {
                                               dk.RefineConfig(init="sparsegpt"), None), ValueError, "stats.hessian"),
     # wrong types of the arguments themselves
     "layer-not-linear": (lambda w, s: (nn.ReLU(), s, None, None), TypeError, "layer"),
+    # a module with a 2-D weight that need not be [out, in] (an Embedding's is [vocab, dim])
+    "layer-embedding": (lambda w, s: (nn.Embedding(ROWS, COLS), s, None, None), TypeError, "Embedding module"),
     "layer-list": (lambda w, s: (w.tolist(), s, None, None), TypeError, "layer"),
     "stats-dict": (lambda w, s: (w, s.__dict__, None, None), TypeError, "stats"),
     "cfg-dict": (lambda w, s: (w, s, {"sparsity": 0.5}, None), TypeError, "cfg"),
@@ -474,6 +476,13 @@ def test_numeric_types_and_named_errors(layer):
     import numpy as np
     weight, stats = layer
     assert dk.RefineConfig(sparsity=np.float32(0.5)).validate().sparsity == 0.5
+    # integer max_cycle_time of any integer type (numpy, a 0-d torch tensor) counts like an int
+    for cycles in (np.int64(7), torch.tensor(7)):
+        cfg = dk.RefineConfig(sparsity=0.5, max_cycle_time=cycles)
+        assert torch.equal(dk.refine(weight, stats, cfg).swaps,
+                           dk.refine(weight, stats, dk.RefineConfig(sparsity=0.5, max_cycle_time=7)).swaps)
+    with pytest.raises(ValueError, match="max_cycle_time"):
+        dk.RefineConfig(max_cycle_time=np.float64(7.0))
     counted = replace(stats, nsamples=np.int64(stats.nsamples), ntokens=np.int64(stats.ntokens))
     assert torch.equal(dk.refine(weight, counted).pruned_mask, dk.refine(weight, stats).pruned_mask)
     for field, value in (("update_threshold", "a"), ("pow_of_var_regrowing", None), ("cycle_fraction", "x")):
@@ -482,3 +491,26 @@ def test_numeric_types_and_named_errors(layer):
     assert dk.available_backends("cpu", " Unstructured ")["reference"] is True
     with pytest.raises(ValueError, match="pattern"):
         dk.available_backends("cpu", "foo")
+
+
+def test_only_linear_modules_are_read_as_layers(layer):
+    """An ``nn.Linear`` (or a subclass) is read as its weight ``[out, in]``; another module with
+    a 2-D weight is refused with a pointer to passing the weight itself: transformers' Conv1D
+    stores ``[in, out]``, which refining as if it were ``[out, in]`` would silently get wrong."""
+    weight, stats = layer
+
+    class Tagged(nn.Linear):
+        pass
+
+    tagged = Tagged(COLS, ROWS, bias=False)
+    with torch.no_grad():
+        tagged.weight.copy_(weight)
+    assert torch.equal(dk.refine(tagged, stats).pruned_mask, dk.refine(weight, stats).pruned_mask)
+    transformers = pytest.importorskip("transformers")
+    conv = transformers.pytorch_utils.Conv1D(ROWS, COLS)          # weight [in, out] = [COLS, ROWS]
+    with pytest.raises(TypeError, match=r"got a Conv1D module: pass its weight as a tensor \[out, in\]"):
+        dk.refine(conv, stats)
+    with pytest.raises(TypeError, match="Conv1D module"):
+        dk.apply_mask_(conv, torch.zeros(ROWS, COLS, dtype=torch.bool))
+    # its transposed weight is the layer
+    assert dk.refine(conv.weight.T, stats).pruned_mask.shape == (ROWS, COLS)

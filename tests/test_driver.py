@@ -259,12 +259,12 @@ def test_pipeline_prunes_saves_and_reloads(kind, pattern, init, dtype, text_file
     assert len(entries) == len(_decoder_linears(model))
     assert args.preset is None and args.skip is None
     assert report["config"]["preset"] == ("original" if pattern == "2:4" else "robust")
-    if pattern == "2:4":
-        assert args.skip_policy() == "mlp"
+    assert args.skip_policy() == ("mlp" if pattern == "2:4" else "none")
+    if init == "sparsegpt":     # SparseGPT's masks are kept for every pattern (README, "DSnoT that helps")
+        assert not any(e["refined"] for e in entries) and report["config"]["max_cycle_time"] == 0
+    elif pattern == "2:4":
         assert {e["kind"] for e in entries if e["refined"]} == {"attn"}
         assert all(e["mean_swaps"] == 0 for e in entries if not e["refined"])
-    elif init == "sparsegpt":   # the robust preset keeps SparseGPT's masks (README, "DSnoT that helps")
-        assert not any(e["refined"] for e in entries)
     else:
         assert args.skip_policy() == "none"
         assert {e["kind"] for e in entries if e["refined"]} == {"attn", "mlp"}
@@ -431,13 +431,16 @@ def test_save_into_non_empty_directory(capsys, tmp_path, text_file):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "1.5"], "--sparsity must be in [0, 1)"),
+    (["--max-cycle-time", "-1"], "--max-cycle-time must be an int >= 0"),
+    (["--eval-dense", "--no-eval"], "--eval-dense measures the dense model before the evaluation"),
     (["--pattern", "4:2"], "need 1 <= N < M"),
     (["--skip", ""], "--skip must not be empty"),
     (["--dataset", "wikitext2", "--no-eval", "--nsamples", "1"], "datasets"),
     (["--eval-windows", "0"], "--eval-windows must be >= 1"),
     (["--nsamples", "0"], "--nsamples must be >= 1"),
-], ids=["sparsity", "pattern", "skip", "dataset-without-datasets", "eval-windows", "nsamples"])
+], ids=["sparsity", "max-cycle-time", "eval-dense-without-eval", "pattern", "skip",
+        "dataset-without-datasets", "eval-windows", "nsamples"])
 def test_bad_options(argv, match, capsys, tmp_path, text_file, tokenizer, monkeypatch):
     if "wikitext2" in argv:
         try:
@@ -482,6 +485,43 @@ def test_output_paths_are_checked_before_any_work(case, capsys, tmp_path, text_f
     _fails(argv, capsys, match)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file"]
     assert list((tmp_path / "a-dir").iterdir()) == []
+
+
+def test_save_through_links_and_not_into_the_working_directory(capsys, tmp_path, text_file, tokenizer,
+                                                                monkeypatch):
+    """--save naming a link saves where it points (an empty directory, or a new one for a
+    dangling link) instead of failing after the run; --save naming the working directory is
+    refused before any work (saving replaces the directory: the shell would sit in a deleted
+    one), and a relative --report is written even so."""
+    src = _tiny_dir(tmp_path, tokenizer)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "to-empty").symlink_to(tmp_path / "empty")
+    (tmp_path / "dangling").symlink_to(tmp_path / "not-yet")
+    base = ["--model", str(src), "--calib-text", text_file, "--eval-text", text_file, "--nsamples", "2",
+            "--seqlen", "16", "--no-eval", "--device", "cpu", "--backend", "torch", "--quiet"]
+    for link, target in (("to-empty", "empty"), ("dangling", "not-yet")):
+        assert cli.main(base + ["--save", str(tmp_path / link)]) == 0, capsys.readouterr().err
+        assert (tmp_path / target / "config.json").is_file() and (tmp_path / link).is_symlink()
+        assert (tmp_path / link / "dsnot_report.json").is_file()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    _fails(base + ["--save", ".", "--report", "r.json"], capsys, "--save '.' is the current directory")
+    assert list(work.iterdir()) == []
+    assert cli.main(base + ["--save", "model", "--report", "r.json"]) == 0
+    assert (work / "r.json").is_file() and (work / "model" / "config.json").is_file()
+
+
+def test_sparsegpt_keeps_its_mask_unless_asked():
+    """DSnoT after SparseGPT made perplexity worse (README): with ``--init sparsegpt`` the
+    driver keeps SparseGPT's masks for every pattern unless --preset or --max-cycle-time says
+    otherwise; other inits refine."""
+    cycles = lambda **kw: PruneArgs(**kw).refine_config().max_cycle_time   # noqa: E731
+    assert cycles(init="sparsegpt") == 0 and cycles(init="sparsegpt", pattern="2:4") == 0
+    assert cycles(init="sparsegpt", pattern="2:4", preset="original") == 50
+    assert cycles(init="sparsegpt", pattern="4:8", max_cycle_time=10) == 10
+    assert cycles(init="wanda", pattern="2:4") == 50 and cycles(init="wanda") == 50
+    assert cycles(init="wanda", refine=False) == 0
 
 
 def test_skip_name_that_matches_no_sublayer(capsys, tmp_path, text_file, tokenizer):

@@ -104,3 +104,20 @@ def test_default_robust_preset_refines_every_sublayer(reports):
     # every accepted swap lowers |e|, so no row's error can grow
     assert all(e["mean_abs_error_after"] <= e["mean_abs_error_before"] for e in refined)
     assert math.isfinite(r["ppl"]) and r["ppl"] < reports["magnitude"]["ppl"]
+
+
+def test_first_conversion_is_silent_without_progress_bars(tmp_path, monkeypatch, capfd):
+    """The first run converts the packaged GGUF file; with progress bars off (--quiet,
+    --no-progress) transformers' conversion bar, which ignores transformers' own switch, stays
+    hidden too, and the converted copy is what later runs load."""
+    from transformers.utils import logging as tf_logging
+
+    from dsnot_prune import models
+    from dsnot_prune.pipeline import _transformers_progress_bars
+    monkeypatch.setenv("DSNOT_CACHE_DIR", str(tmp_path))
+    with _transformers_progress_bars(False):
+        assert not tf_logging.is_progress_bar_enabled()
+        path = models._cached_smollm2(lambda msg: None)
+    err = capfd.readouterr().err
+    assert "Converting" not in err and "%|" not in err, err[-2000:]
+    assert (path / "config.json").is_file() and path.parent == tmp_path / "models"

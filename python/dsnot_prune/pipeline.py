@@ -64,7 +64,7 @@ class PruneArgs:
     pattern: str = "unstructured"
     init: str = "wanda"
     refine: bool = True
-    preset: Optional[str] = None                   # None = preset_name() picks by pattern
+    preset: Optional[str] = None                   # None = preset_name() picks by pattern (sparsegpt: no DSnoT)
     max_cycle_time: Optional[int] = None           # None = the preset's value
     update_threshold: Optional[float] = None
     pow_of_var_regrowing: Optional[float] = None
@@ -100,16 +100,29 @@ class PruneArgs:
         return self.skip if self.skip is not None else PRESET_SKIP.get(self.preset_name(), "mlp")
 
     def refine_config(self) -> dk.RefineConfig:
+        """The :class:`dk.RefineConfig` of the run: the preset with the options given. Without
+        ``--preset`` and ``--max-cycle-time``, ``--init sparsegpt`` keeps SparseGPT's masks for
+        every pattern (DSnoT after SparseGPT measured worse: README, "DSnoT that helps")."""
         overrides: Dict[str, Any] = dict(sparsity=float(self.sparsity), pattern=self.pattern, init=self.init)
         for name in ("max_cycle_time", "update_threshold", "pow_of_var_regrowing", "sign_check"):
             if getattr(self, name) is not None:
                 overrides[name] = getattr(self, name)
-        if not self.refine:
+        if not self.refine or (self.init == "sparsegpt" and self.preset is None and self.max_cycle_time is None):
             overrides["max_cycle_time"] = 0
         try:
             return dk.RefineConfig.preset(self.preset_name(), **overrides).validate()
         except (TypeError, ValueError) as exc:
-            raise DriverError(str(exc)) from exc
+            raise DriverError(_flag_message(str(exc))) from exc
+
+
+def _flag_message(message: str) -> str:
+    """A ``RefineConfig`` error that starts with a field name, naming the command-line option
+    instead (``max_cycle_time must be ...`` -> ``--max-cycle-time must be ...``)."""
+    for field in ("max_cycle_time", "update_threshold", "pow_of_var_regrowing", "sign_check",
+                  "sparsity", "pattern", "init", "preset"):
+        if message.startswith(field + " "):
+            return "--" + field.replace("_", "-") + message[len(field):]
+    return message
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,10 +133,14 @@ def check_save_dir(path: Optional[str]) -> None:
     making and removing a temporary directory there, so the run cannot fail at its end)."""
     if path is None:
         return
-    p = Path(path)
+    p = Path(path).resolve()        # a link saves where it points (save_model replaces that)
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise DriverError(f"--save {path!r} exists and is not an empty directory; refusing to overwrite it")
-    parent = p.absolute().parent
+    if p == Path.cwd().resolve():
+        # the save replaces the directory by a new one: the shell would be left in a deleted one
+        raise DriverError(f"--save {path!r} is the current directory: give a new directory path, "
+                          f"e.g. --save ./pruned-model")
+    parent = p.parent
     if not parent.is_dir():
         raise DriverError(f"--save {path!r}: parent directory {str(parent)!r} does not exist")
     _probe_writable(parent, f"--save {path!r}")
@@ -467,7 +484,7 @@ def save_model(model: nn.Module, tokenizer, report: Dict[str, Any], path: str) -
     """safetensors model + tokenizer + report.json, atomically: a temp dir renamed into place.
     The weights are saved in the dtype the run used (``report["dtype"]``)."""
     check_save_dir(path)
-    target = Path(path).absolute()
+    target = Path(path).resolve()
     umask = _umask()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -527,6 +544,10 @@ def _run(args: PruneArgs, model: Optional[nn.Module], tokenizer) -> Dict[str, An
     _check_backend(args.backend, device, args.pattern)
     check_save_dir(args.save)
     check_report_path(args.report, args.save)
+    report_path = os.path.abspath(args.report) if args.report else None
+    if args.eval_dense and not args.eval:
+        raise DriverError("--eval-dense measures the dense model before the evaluation, which --no-eval "
+                          "turns off: drop one of them")
     plan = data_mod.plan_text(args.dataset, args.calib_text, args.eval_text)
     data_mod.check_text_files(plan, evaluate=args.eval)
     if args.batch_size <= 0:
@@ -564,8 +585,8 @@ def _run(args: PruneArgs, model: Optional[nn.Module], tokenizer) -> Dict[str, An
             clock = timed()
             windows = data_mod.evaluation_windows(plan, tokenizer, args.seqlen, args.eval_windows, log)
             timings["evaluation"] += clock()
-        if args.report:
-            Path(args.report).absolute().parent.mkdir(parents=True, exist_ok=True)
+        if report_path:
+            Path(report_path).parent.mkdir(parents=True, exist_ok=True)
 
         report: Dict[str, Any] = {
             "model": args.model, "model_source": source, "model_class": type(model).__name__,
@@ -606,9 +627,9 @@ def _run(args: PruneArgs, model: Optional[nn.Module], tokenizer) -> Dict[str, An
         except OSError as exc:
             raise DriverError(f"--save {args.save!r}: writing the model failed, nothing was saved ({exc})") from exc
         timings["save"] = clock()
-    if args.report:
+    if report_path:
         try:
-            _write_json_atomic(args.report, report)
+            _write_json_atomic(report_path, report)
         except OSError as exc:
             raise DriverError(f"--report {args.report!r}: writing it failed ({exc})") from exc
     return report
