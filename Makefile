@@ -40,4 +40,4 @@ bench-quality: $(STAMP)
 	$(PY) benchmarks/bench_quality.py
 
 clean:
-	rm -rf build *.egg-info dsnot_kernels/_C*.so
+	rm -rf build *.egg-info dsnot_kernels/_C*.so $(STAMP)

@@ -146,6 +146,11 @@ def extension_setup_kwargs() -> dict:
                      f"retrying with the C++ CPU path only")
                 with_cuda = False
                 cpu_ext = _make_extension(cpp_extension, flags, with_cuda=False)
+                # keep what torch's build_extensions added to the C++ flags (the module name
+                # TORCH_EXTENSION_NAME that PYBIND11_MODULE uses, the ABI flag): without them the
+                # retry would build a library that cannot be imported
+                torch_added = [f for f in ext.extra_compile_args.get("cxx", []) if f not in flags["DSNOT_CXX_FLAGS"]]
+                cpu_ext.extra_compile_args["cxx"] += torch_added
                 ext.sources, ext.define_macros = cpu_ext.sources, cpu_ext.define_macros
                 ext.extra_compile_args, ext.libraries = cpu_ext.extra_compile_args, cpu_ext.libraries
                 ext.library_dirs, ext.include_dirs = cpu_ext.library_dirs, cpu_ext.include_dirs

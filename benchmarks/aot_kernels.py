@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cc", type=int, default=90, help="compute capability (80, 90, ...)")
     parser.add_argument("--json", type=Path, help="also write the census here")
     args = parser.parse_args(argv)
+    if not 70 <= args.cc < 200:           # Triton's NVIDIA backend targets sm_70 and newer
+        parser.error(f"--cc: expected a compute capability such as 80 or 90 (sm_70 or newer), got {args.cc}")
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
     if unknown or not cases:

@@ -36,7 +36,7 @@ import dsnot_kernels as dk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))   # running from a checkout
 from dsnot_prune import data as data_mod  # noqa: E402
-from dsnot_prune.models import DriverError, find_decoder_layers, find_linears, load_model  # noqa: E402
+from dsnot_prune.models import DriverError, find_decoder_layers, find_linears, load_model, parse_skip  # noqa: E402
 from dsnot_prune.pipeline import PruneArgs, prune_model  # noqa: E402
 from bench_common import machine_name, write_results_atomic  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
@@ -150,8 +150,33 @@ def write_results(rows: List[dict], out_dir: Path) -> None:
     fig.suptitle(f"layer-wise pruning wall clock on {rows[0]['machine']}")
     fig.tight_layout()
     png = out_dir / f"bench_prune-{stamp}.png"
-    fig.savefig(png, dpi=120)
+    tmp = out_dir / f".bench_prune-{stamp}.png.tmp"         # then renamed: never a half-written PNG
+    fig.savefig(tmp, dpi=120, format="png")
+    tmp.replace(png)
     print(f"wrote {png}")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad options before the model loads (``parser.error``: exit 2, the option named)."""
+    if args.device != "cpu" and not (args.device == "cuda" or args.device.startswith("cuda:")):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible")
+    for option in ("repeats", "nsamples", "seqlen", "batch_size", "synthetic_layers", "synthetic_nsamples",
+                   "synthetic_seqlen"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    if not args.patterns:
+        parser.error("--patterns must name at least one pattern")
+    for pattern in args.patterns:
+        try:
+            PruneArgs(pattern=pattern, sparsity=args.sparsity).refine_config()
+            parse_skip(args.skip)
+        except DriverError as exc:
+            parser.error(f"--patterns {pattern!r} / --sparsity / --skip: {exc}")
+    for name in args.backends or []:
+        if name not in dk.BACKENDS:
+            parser.error(f"--backends: expected a comma list of {', '.join(dk.BACKENDS)}, got {name!r}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -180,6 +205,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     args.patterns = [s.strip() for s in args.patterns.split(",") if s.strip()]
     args.backends = [s.strip() for s in args.backends.split(",")] if args.backends else None
+    check_arguments(p, args)
     device = torch.device(args.device)
     machine = machine_name(args.device)
     synthetic = args.synthetic if args.synthetic is not None else device.type == "cuda"

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))   # run from a checkout
-from dsnot_prune.pipeline import PruneArgs, run  # noqa: E402
+from dsnot_prune.pipeline import DriverError, PruneArgs, run  # noqa: E402
 from bench_common import machine_name, write_results_atomic  # noqa: E402 (benchmarks/ is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -129,37 +129,54 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     variants = [v.strip() for v in args.variants.split(",")]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    sparsegpt_variants = [v.strip() for v in args.sparsegpt_variants.split(",")]
+    for option, names in (("--variants", variants), ("--sparsegpt-variants", sparsegpt_variants)):
+        unknown = [v for v in names if v not in VARIANTS]
+        if unknown:
+            p.error(f"{option}: unknown {unknown}; choose from {list(VARIANTS)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {device}: no CUDA device is visible")
     out_dir = Path(args.out) if args.out else RESULTS / machine_name(device)
     common = dict(model=args.model, nsamples=args.nsamples, seqlen=args.seqlen, eval_windows=args.eval_windows,
                   batch_size=args.batch_size, device=device, backend=args.backend, dtype=args.dtype,
                   calib_text=args.calib_text, eval_text=args.eval_text, dataset=args.dataset,
                   progress=False, quiet=True, output_error=True)
+    # the whole grid, checked before the first (slow) run: a bad entry fails now, not hours in
+    grid = []
+    for init in (i.strip() for i in args.inits.split(",")):
+        for target in (t.strip() for t in args.targets.split(",")):
+            try:
+                pattern, sparsity = _target(target)
+            except ValueError:
+                p.error(f"--targets: expected sparsities (0.6) or N:M patterns (2:4), got {target!r}")
+            for variant in (variants if init != "sparsegpt" else [v for v in variants if v in sparsegpt_variants]):
+                settings = dict(common, init=init, pattern=pattern,
+                                sparsity=0.5 if sparsity is None else sparsity, **VARIANTS[variant])
+                try:
+                    PruneArgs(**settings).refine_config()
+                except DriverError as exc:
+                    p.error(f"--inits {init!r} / --targets {target!r} / variant {variant!r}: {exc}")
+                grid.append((init, target, variant, pattern, settings))
+    if not grid:
+        p.error("the grid is empty: no variant of --variants runs for these --inits "
+                "(init=sparsegpt runs only --sparsegpt-variants)")
     rows, dense_ppl = [], None
     start = time.perf_counter()
-    for init in args.inits.split(","):
-        for target in args.targets.split(","):
-            pattern, sparsity = _target(target.strip())
-            for variant in (variants if init != "sparsegpt" else
-                            [v for v in variants if v in args.sparsegpt_variants.split(",")]):
-                settings = dict(common, init=init, pattern=pattern, sparsity=sparsity or 0.5,
-                                eval_dense=dense_ppl is None, **VARIANTS[variant])
-                report = run(PruneArgs(**settings))
-                dense_ppl = report.get("ppl_dense", dense_ppl)
-                row = {"init": init, "pattern": pattern, "target": target, "variant": variant,
-                       "sparsity": round(report["sparsity"], 4), "ppl": report["ppl"], "ppl_dense": dense_ppl,
-                       "mean_swaps": report.get("mean_swaps_refined"),
-                       "refined": ",".join(report.get("refined_sublayers", [])),
-                       "refine_seconds": report["timings"]["refine"],
-                       "pruning_seconds": report["timings"]["pruning"], **_sublayer_summary(report)}
-                rows.append(row)
-                write_results(rows, out_dir, device, common, time.perf_counter() - start, final=False)
-                print(f"{init:>9} {target:>4} {variant:>13}: ppl {row['ppl']:10.2f}  "
-                      f"(dense {dense_ppl:.2f}; swaps/row {row['mean_swaps'] or 0:.1f}; "
-                      f"out MSE {row['out_mse_initial'] or float('nan'):.3e} -> {row['out_mse_final'] or float('nan'):.3e})",
-                      flush=True)
+    for init, target, variant, pattern, settings in grid:
+        report = run(PruneArgs(**settings, eval_dense=dense_ppl is None))
+        dense_ppl = report.get("ppl_dense", dense_ppl)
+        row = {"init": init, "pattern": pattern, "target": target, "variant": variant,
+               "sparsity": round(report["sparsity"], 4), "ppl": report["ppl"], "ppl_dense": dense_ppl,
+               "mean_swaps": report.get("mean_swaps_refined"),
+               "refined": ",".join(report.get("refined_sublayers", [])),
+               "refine_seconds": report["timings"]["refine"],
+               "pruning_seconds": report["timings"]["pruning"], **_sublayer_summary(report)}
+        rows.append(row)
+        write_results(rows, out_dir, device, common, time.perf_counter() - start, final=False)
+        print(f"{init:>9} {target:>4} {variant:>13}: ppl {row['ppl']:10.2f}  "
+              f"(dense {dense_ppl:.2f}; swaps/row {row['mean_swaps'] or 0:.1f}; "
+              f"out MSE {row['out_mse_initial'] or float('nan'):.3e} -> {row['out_mse_final'] or float('nan'):.3e})",
+              flush=True)
 
     write_results(rows, out_dir, device, common, time.perf_counter() - start, final=True)
     return 0

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import datetime as dt
 import functools
+import inspect
 import json
 import os
 import statistics
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 import dsnot_kernels as dk
+from dsnot_kernels.backends import unavailable_reason
 from bench_common import format_tuned, machine_name, write_results_atomic  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]      # [out, in]
@@ -167,6 +169,41 @@ def parse_variants(text: str | None) -> list:
     return variants
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, variants: list) -> None:
+    """Refuse bad options before anything is measured (``parser.error``: exit 2, the option named)."""
+    for option, value in (("--repeats", args.repeats), ("--reference-repeats", args.reference_repeats)):
+        if value < 1:
+            parser.error(f"{option} must be >= 1, got {value}")
+    if args.llama7b_set and args.device != "cuda":
+        parser.error("--llama7b-set refines 32 x 7 LLaMA-7B sublayers (~13 GB of fp16 weights): "
+                     "it needs --device cuda")
+    patterns = [p.strip() for p in args.patterns.split(",")]
+    for pattern in patterns:
+        try:
+            dk.RefineConfig(sparsity=args.sparsity, pattern=pattern).validate()
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--patterns {pattern!r} / --sparsity {args.sparsity}: {exc}")
+    if args.backends:
+        for name in (b.strip() for b in args.backends.split(",")):
+            if name not in dk.BACKENDS:
+                parser.error(f"--backends: expected a comma list of {', '.join(dk.BACKENDS)}, got {name!r}")
+            for pattern in patterns:
+                reason = unavailable_reason(name, args.device, dk.parse_pattern(pattern)[1] > 0)
+                if reason is not None:
+                    parser.error(f"--backends {name} cannot run {pattern} on {args.device}: {reason}")
+    if variants:
+        try:
+            from dsnot_kernels.ops import refine_triton
+        except Exception as exc:  # noqa: BLE001 - any import failure means no triton rows
+            parser.error(f"--triton-variants needs the triton backend ({type(exc).__name__}: {exc})")
+        knobs = set(inspect.signature(refine_triton).parameters) - {"problem"}
+        for variant in variants:
+            unknown = sorted(set(variant) - knobs)
+            if unknown:
+                parser.error(f"--triton-variants: unknown knob(s) {', '.join(unknown)}; "
+                             f"refine_triton takes {', '.join(sorted(knobs))}")
+
+
 def variant_name(knobs: dict) -> str:
     return "triton[" + ",".join(f"{k}={v}" for k, v in knobs.items()) + "]"
 
@@ -233,6 +270,7 @@ def main(argv=None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
+    check_arguments(parser, args, variants)
     if args.smoke:
         args.repeats, args.memory = 1, "none"
     if args.shapes == "none":
@@ -250,6 +288,7 @@ def main(argv=None) -> int:
     else:
         shapes = SMOKE_SHAPES if args.smoke else LLAMA7B_SHAPES
     patterns = [p.strip() for p in args.patterns.split(",")]
+    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
     machine = machine_name(args.device)
     bandwidth = copy_bandwidth(args.device)
     print(f"machine: {machine}; torch {torch.__version__}; device copy bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -268,10 +307,9 @@ def main(argv=None) -> int:
         write_results_atomic(out_dir, stem, summary, rows)
 
     for pattern in patterns:
-        names = args.backends.split(",") if args.backends else [
-            n for n, ok in dk.available_backends(args.device, pattern).items() if ok is True]
-        if "reference" not in names:
-            names = ["reference"] + names
+        names = backends or [n for n, ok in dk.available_backends(args.device, pattern).items() if ok is True]
+        # the reference runs first: every other row is checked against it and timed relative to it
+        names = ["reference"] + [n for n in names if n != "reference"]
         if "triton" in names:
             names += list(variant_knobs)
         for si, (out_f, in_f) in enumerate(shapes):

@@ -145,7 +145,18 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default="0", help="--model: comma-separated decoder layer indices")
     parser.add_argument("--rows", type=int, default=48, help="--model: rows counted per sublayer")
     args = parser.parse_args(argv)
-    programs_list = [int(p) for p in args.programs.split(",")]
+    try:
+        programs_list = [int(p) for p in args.programs.split(",")]
+    except ValueError:
+        programs_list = []
+    if not programs_list or min(programs_list) < 1:
+        parser.error(f"--programs must be comma-separated integers >= 1, got {args.programs!r}")
+    patterns = [p.strip() for p in args.patterns.split(",")]
+    for pattern in patterns:
+        try:
+            dk.parse_pattern(pattern)
+        except ValueError as exc:
+            parser.error(f"--patterns: {exc}")
     if args.model is not None:
         try:
             layer_ids = [int(x) for x in args.layers.split(",")]
@@ -158,17 +169,22 @@ def main(argv=None) -> int:
         except ValueError as exc:                  # (a layer the model lacks)
             parser.error(str(exc))
         for name, weight, stats in sublayers:
-            for pattern in args.patterns.split(","):
+            for pattern in patterns:
                 for programs in programs_list:
                     r = count_passes_on(weight, stats, pattern, programs, select=args.select)
                     _report(f"{name} {weight.shape[0]}x{weight.shape[1]}", r, weight.shape[0], args.select)
         return 0
+    shapes = []
     for shape in args.shapes.split(","):
         try:
             rows, cols = (int(x) for x in shape.lower().split("x"))
         except ValueError:
-            parser.error(f"--shapes entries must be ROWSxCOLS, got {shape!r}")
-        for pattern in args.patterns.split(","):
+            rows = cols = 0
+        if rows < 1 or cols < 1:
+            parser.error(f"--shapes entries must be ROWSxCOLS of positive integers, got {shape!r}")
+        shapes.append((rows, cols))
+    for rows, cols in shapes:
+        for pattern in patterns:
             for programs in programs_list:
                 r = count_passes(rows, cols, pattern, programs, select=args.select)
                 _report(r["shape"], r, rows, args.select)

@@ -28,7 +28,8 @@
 # bench_refine rewrites its results after every measurement, so a bench stopped at its deadline
 # still returns what it measured ("complete": false in the JSON).
 # Uses the machine's own torch/triton (no venv): the GPU machine has no network.
-# DRY_RUN=1 prints each step's command and deadline instead of running it.
+# DRY_RUN=1 prints each step's command and deadline instead of running it (`all`: into
+# steps-dry-run.tsv, so a real run's steps.tsv is left alone; one step: prints it, runs nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step="${1:?usage: gpu_session.sh all|build|bench|test|profile|ncu}"
@@ -44,6 +45,8 @@ export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 VARIANTS="${VARIANTS-select=stream}"
 BUDGET_S="${BUDGET_S:-480}"
 started=$SECONDS
+steps_file="$dest/steps.tsv"
+[[ "${DRY_RUN:-0}" != 1 ]] || steps_file="$dest/steps-dry-run.tsv"
 
 remaining() { echo $(( BUDGET_S - (SECONDS - started) )); }
 
@@ -54,17 +57,18 @@ run_step() {
   local left; left=$(remaining)
   local limit=$(( cap < left ? cap : left ))
   if (( limit < 20 )); then
-    printf '%s\tskipped\t0\n' "$label" | tee -a "$dest/steps.tsv"
+    printf '%s\tskipped\t0\n' "$label" | tee -a "$steps_file"
     return 0
   fi
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    printf '%s\tdry-run\t%d\t%s %s\n' "$label" "$limit" "$sub" "$*" | tee -a "$dest/steps.tsv"
+    printf '%s\tdry-run\t%d\t%s %s\n' "$label" "$limit" "$sub" "$*" | tee -a "$steps_file"
     return 0
   fi
   local t0=$SECONDS rc=0
-  # SIGINT first (to the whole process group): pytest then prints what ran; -k: kill 15 s later
+  # SIGINT first (to the whole process group): pytest then prints what ran (the steps' tee -i
+  # ignores it, so that the end of the output still reaches the log); -k: kill 15 s later
   env "$@" timeout -s INT -k 15 "$limit" bash "$0" "$sub" > /dev/null 2>&1 || rc=$?
-  printf '%s\t%d\t%d\n' "$label" "$rc" $(( SECONDS - t0 )) | tee -a "$dest/steps.tsv"
+  printf '%s\t%d\t%d\n' "$label" "$rc" $(( SECONDS - t0 )) | tee -a "$steps_file"
 }
 
 case "${TESTS:-all}" in
@@ -74,9 +78,14 @@ case "${TESTS:-all}" in
   *) echo "TESTS must be quick, llama or all, got '${TESTS}'" >&2; exit 2 ;;
 esac
 
+if [[ "${DRY_RUN:-0}" == 1 && "$step" =~ ^(build|bench|test|profile|ncu)$ ]]; then
+  printf '%s\tdry-run\t(no deadline)\n' "$step"      # one step alone: nothing runs
+  exit 0
+fi
+
 case "$step" in
   all)
-    : > "$dest/steps.tsv"
+    : > "$steps_file"
     # caps: the build ~1-2 min; the per-shape bench (every backend and variant against the
     # reference: the parity check at LLaMA sizes) compiles each kernel variant once, and the
     # Triton cache then serves the LLaMA-7B set and the tests; the LLaMA-size test cases repeat
@@ -89,7 +98,7 @@ case "$step" in
     run_step ncu 90 ncu
     run_step test_llama 600 test TESTS=llama
     echo "gpu_session all: $(( SECONDS - started )) s of ${BUDGET_S} s; logs and steps.tsv in $dest"
-    cat "$dest/steps.tsv"
+    cat "$steps_file"
     [[ "${DRY_RUN:-0}" == 1 ]] || python -c 'import sys; sys.path.insert(0, "benchmarks")
 from bench_common import print_summary; print_summary(sys.argv[1:])' \
       "$dest/bench_refine.json" "$dest/llama7b_set/bench_refine.json"
@@ -101,7 +110,7 @@ from bench_common import print_summary; print_summary(sys.argv[1:])' \
       export CUDA_HOME TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
       DSNOT_BUILD_EXT=1 DSNOT_BUILD_CUDA=1 python -m pip install --no-build-isolation --no-deps -q -e .
       python -c "import torch, dsnot_kernels.ext as e; print('ext CUDA path:', e.has_cuda(), torch.cuda.get_device_name())"
-    } 2>&1 | tee "$dest/build.log"
+    } 2>&1 | tee -i "$dest/build.log"
     ;;
   bench)
     extra=()
@@ -113,16 +122,16 @@ from bench_common import print_summary; print_summary(sys.argv[1:])' \
       *) echo "BENCH must be shapes, set or both, got '${BENCH}'" >&2; exit 2 ;;
     esac
     python benchmarks/bench_refine.py --device cuda --out "$out" "${extra[@]}" 2>&1 \
-      | tee "$dest/bench_refine-${BENCH:-both}.log"
+      | tee -i "$dest/bench_refine-${BENCH:-both}.log"
     ;;
   test)
-    python -m pytest -q -m gpu tests "${test_args[@]}" 2>&1 | tee "$dest/test_gpu-${TESTS:-all}.log"
+    python -m pytest -q -m gpu tests "${test_args[@]}" 2>&1 | tee -i "$dest/test_gpu-${TESTS:-all}.log"
     ;;
   profile)
     extra=()
     [[ "${SWEEP:-0}" != 1 ]] || extra=(--sweep)
     python benchmarks/profile_refine.py --shapes "${SHAPES:-4096x4096}" "${extra[@]}" 2>&1 \
-      | tee "$dest/profile_refine.log"
+      | tee -i "$dest/profile_refine.log"
     ;;
   ncu)
     # Nsight Compute: counters of each select/cycles kernel of one refine per launch variant
@@ -130,13 +139,13 @@ from bench_common import print_summary; print_summary(sys.argv[1:])' \
     # card's clocks alone)
     NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1 || true)"
     if [[ -z "$NCU" ]]; then
-      echo "ncu: not found on this machine" | tee "$dest/ncu.log"
+      echo "ncu: not found on this machine" | tee -i "$dest/ncu.log"
       exit 3
     fi
     "$NCU" --clock-control none --target-processes all -k regex:'select|cycles' \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
       --section LaunchStats --section WarpStateStats --section SchedulerStats \
-      python benchmarks/profile_refine.py --ncu --shapes "${SHAPES:-4096x4096}" 2>&1 | tee "$dest/ncu.log"
+      python benchmarks/profile_refine.py --ncu --shapes "${SHAPES:-4096x4096}" 2>&1 | tee -i "$dest/ncu.log"
     ;;
   *)
     echo "unknown step '$step': use all, build, bench, test, profile or ncu" >&2

@@ -18,21 +18,37 @@ Importing this module never raises: a missing or broken library is recorded and 
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Optional
 
 import torch  # must precede the compiled module (it links against libtorch)
 
 from .problem import RefineOutput, RefineProblem
 
+def _is_built() -> bool:
+    """Whether a ``dsnot_kernels._C`` file exists to import (loadable or not)."""
+    try:
+        return importlib.util.find_spec(f"{__package__}._C") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _load_error(exc: BaseException, built: bool) -> str:
+    """Why ``dsnot_kernels._C`` did not load: not ``built``, or built but not loadable (a file
+    built against another torch, a broken or truncated file)."""
+    if not built:
+        return (f"dsnot_kernels._C is not built (pip install --no-build-isolation -e . with a C++ "
+                f"compiler; import said: {exc})")
+    return (f"dsnot_kernels._C is built but cannot be loaded ({type(exc).__name__}: {exc}); rebuild it "
+            f"against this torch {torch.__version__}: pip install --no-build-isolation -e .")
+
+
 _C = None
 _LOAD_ERROR: Optional[str] = None
 try:
     from . import _C  # type: ignore[attr-defined,no-redef]
-except ImportError as exc:
-    _LOAD_ERROR = (f"dsnot_kernels._C is not built (pip install --no-build-isolation -e . "
-                   f"with a C++ compiler; import said: {exc})")
-except Exception as exc:  # noqa: BLE001 - e.g. built against another torch
-    _LOAD_ERROR = f"dsnot_kernels._C cannot be loaded: {type(exc).__name__}: {exc}"
+except Exception as exc:  # noqa: BLE001 - any failure to load leaves the other backends
+    _LOAD_ERROR = _load_error(exc, _is_built())
 
 
 def has_cuda() -> bool:
@@ -112,7 +128,10 @@ _ERRORS = {"TypeError": TypeError, "ValueError": ValueError}
 
 def call(name: str, *args, **kwargs):
     """Call ``_C.<name>``: its entry points return ``(error kind, message)`` instead of raising
-    (see csrc/binding.cpp for why); this raises the matching Python exception."""
+    (see csrc/binding.cpp for why); this raises the matching Python exception, and
+    ``RuntimeError`` with the load error if the extension is not loaded."""
+    if _C is None:
+        raise RuntimeError(_LOAD_ERROR)
     out = getattr(_C, name)(*args, **kwargs)
     if len(out) == 2 and isinstance(out[0], str):
         raise _ERRORS.get(out[0], RuntimeError)(out[1])

@@ -46,6 +46,14 @@ def test_bench_refine_cpu_rows_match_reference(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_bench_refine_reference_runs_first_wherever_named(tmp_path):
+    assert bench_refine.main(["--device", "cpu", "--shapes", "4x32", "--patterns", "unstructured",
+                              "--backends", " torch, reference", "--repeats", "1", "--memory", "none",
+                              "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_refine.json").read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["reference", "torch"]
+
+
 def test_print_summary_names_incomplete_and_missing_results(tmp_path, capsys):
     bench_refine.main(["--device", "cpu", "--shapes", "6x32", "--patterns", "2:4", "--backends", "torch",
                        "--repeats", "1", "--memory", "none", "--out", str(tmp_path)])
@@ -78,13 +86,19 @@ def test_bench_refine_reports_tuned_launches(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_refine_keeps_rows_when_stopped(tmp_path, monkeypatch):
-    """A run stopped after its per-shape rows (here: in the LLaMA-7B set, as a deadline's SIGINT
-    would) has already written them, marked incomplete."""
+    """A run stopped after some rows (here: when its second pattern starts, as a deadline's
+    SIGINT would) has already written them, marked incomplete."""
+    make_problem = bench_refine.make_problem
+    calls = []
+
     def stopped(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(bench_refine, "llama7b_set", stopped)
-    args = ["--device", "cpu", "--shapes", "6x32", "--patterns", "unstructured", "--backends", "torch",
-            "--repeats", "1", "--memory", "none", "--llama7b-set", "--out", str(tmp_path)]
+        calls.append(args)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return make_problem(*args, **kwargs)
+    monkeypatch.setattr(bench_refine, "make_problem", stopped)
+    args = ["--device", "cpu", "--shapes", "6x32", "--patterns", "unstructured,2:4", "--backends", "torch",
+            "--repeats", "1", "--memory", "none", "--out", str(tmp_path)]
     with pytest.raises(KeyboardInterrupt):
         bench_refine.main(args)
     summary = json.loads((tmp_path / "bench_refine.json").read_text())
@@ -96,8 +110,20 @@ def test_bench_refine_keeps_rows_when_stopped(tmp_path, monkeypatch):
     (["--shapes", "4096"], "OUTxIN"),
     (["--shapes", "none"], "without --llama7b-set"),
     (["--triton-variants", "select"], "key=value"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--reference-repeats", "0"], "--reference-repeats must be >= 1"),
+    (["--shapes", "none", "--llama7b-set"], "it needs --device cuda"),
+    (["--patterns", "2-4"], "--patterns '2-4'"),
+    (["--sparsity", "1.5"], "--sparsity 1.5"),
+    (["--backends", "torch,bogus"], "got 'bogus'"),
+    (["--backends", "triton", "--patterns", "2:4"], "--backends triton cannot run 2:4 on cpu"),
+    (["--backends", "torch", "--triton-variants", "foo=1"], "unknown knob(s) foo"),
 ])
-def test_bench_refine_bad_arguments(argv, message, capsys):
+def test_bench_refine_bad_arguments(argv, message, capsys, monkeypatch):
+    if "triton" in argv:             # the interpreter makes triton available on the CPU
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if "--triton-variants" in argv and "foo=1" in argv:
+        pytest.importorskip("triton")
     with pytest.raises(SystemExit) as info:
         bench_refine.main(["--device", "cpu", *argv])
     assert info.value.code not in (0, None)
@@ -122,14 +148,20 @@ def _gpu_session(*args, **env):
 def test_gpu_session_plan_fits_its_budget(tmp_path):
     proc = _gpu_session("all", DRY_RUN="1", OUT=str(tmp_path), BUDGET_S="480")
     assert proc.returncode == 0, proc.stderr
-    steps = [line.split("\t") for line in (tmp_path / "gpu_session" / "steps.tsv").read_text().splitlines()]
+    plan = tmp_path / "gpu_session" / "steps-dry-run.tsv"       # a real run's steps.tsv stays as it is
+    steps = [line.split("\t") for line in plan.read_text().splitlines()]
     assert [s[0] for s in steps] == ["build", "bench_shapes", "bench_set", "test_quick", "profile", "ncu",
                                   "test_llama"]
     assert all(s[1] == "dry-run" and 20 <= int(s[2]) <= 480 for s in steps)
+    assert not (tmp_path / "gpu_session" / "steps.tsv").exists()
     # a budget too short for any step skips them all instead of starting one it cannot finish
     proc = _gpu_session("all", DRY_RUN="1", OUT=str(tmp_path), BUDGET_S="10")
-    steps = [line.split("\t") for line in (tmp_path / "gpu_session" / "steps.tsv").read_text().splitlines()]
+    steps = [line.split("\t") for line in plan.read_text().splitlines()]
     assert proc.returncode == 0 and {s[1] for s in steps} == {"skipped"}
+    # one step alone in a dry run runs nothing (here it would start a GPU benchmark)
+    proc = _gpu_session("bench", DRY_RUN="1", OUT=str(tmp_path))
+    assert proc.returncode == 0 and proc.stdout.startswith("bench\tdry-run"), proc.stdout + proc.stderr
+    assert sorted(p.name for p in (tmp_path / "gpu_session").iterdir()) == ["steps-dry-run.tsv"]
 
 
 @pytest.mark.parametrize("args,env,message", [
@@ -248,3 +280,71 @@ def test_host_overhead_refuses_compiled_triton(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         host_overhead.main(["--calls", "1"])
     assert "needs TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--targets", "0.6,6:4"], "--targets '6:4'"),
+    (["--targets", "0.6,sixty"], "expected sparsities (0.6) or N:M patterns"),
+    (["--inits", "wanda,bogus"], "--inits 'bogus'"),
+    (["--sparsegpt-variants", "robust,bogus"], "--sparsegpt-variants: unknown ['bogus']"),
+    (["--inits", "sparsegpt", "--variants", "original-all"], "the grid is empty"),
+])
+def test_bench_quality_checks_the_whole_grid_first(argv, message, capsys, monkeypatch):
+    """A bad entry of the sweep fails before its first run (on a CPU the sweep takes hours)."""
+    pytest.importorskip("transformers")
+    import bench_quality
+    monkeypatch.setattr(bench_quality, "run", lambda args: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as info:
+        bench_quality.main(["--device", "cpu", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_quality_runs_a_zero_target_at_zero(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import bench_quality
+    seen = []
+
+    def fake_run(args):
+        seen.append(args)
+        return {"sparsity": args.sparsity, "ppl": 10.0, "ppl_dense": 9.0, "timings": {"refine": 0.0, "pruning": 0.0}}
+    monkeypatch.setattr(bench_quality, "run", fake_run)
+    monkeypatch.setattr(bench_quality, "plot", lambda rows, path: False)
+    assert bench_quality.main(["--device", "cpu", "--inits", "wanda", "--targets", "0,2:4", "--variants", "none",
+                               "--out", str(tmp_path)]) == 0
+    assert [(a.pattern, a.sparsity) for a in seen] == [("unstructured", 0.0), ("2:4", 0.5)]
+    assert json.loads((tmp_path / "bench_quality.json").read_text())["complete"] is True
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("argv,message", [
+    (["--programs", "x"], "--programs must be comma-separated integers >= 1"),
+    (["--programs", "3,0"], "--programs must be comma-separated integers >= 1"),
+    (["--patterns", "unstructured,2-4"], "--patterns:"),
+    (["--shapes", "0x64"], "ROWSxCOLS of positive integers, got '0x64'"),
+])
+def test_count_passes_bad_arguments(argv, message, capsys):
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts passes under the Triton interpreter (a CUDA machine runs the kernels)")
+    import count_passes
+    with pytest.raises(SystemExit) as info:
+        count_passes.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--patterns", "2-4"], "--patterns '2-4'"),
+    (["--sparsity", "1.5"], "--sparsity must be in [0, 1)"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--device", "gpu"], "--device must be cpu, cuda or cuda:N"),
+    (["--skip", ""], "--skip must not be empty"),
+    (["--backends", "torch,foo"], "got 'foo'"),
+])
+def test_bench_prune_bad_arguments(argv, message, capsys, monkeypatch):
+    """Refused before the model loads (a run takes minutes)."""
+    pytest.importorskip("transformers")
+    import bench_prune
+    monkeypatch.setattr(bench_prune, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as info:
+        bench_prune.main(["--device", "cpu", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -60,3 +60,41 @@ def test_core_cuda_checks_run_on_the_gpu(tmp_path):
     build = _build(tmp_path)
     out = _run([str(build / "test_nm_core")], ROOT, timeout=300)
     assert "skip: no CUDA device" not in out and "all nm core checks passed" in out, out
+
+
+def test_cuda_fallback_keeps_torch_defines(monkeypatch, tmp_path):
+    """``DSNOT_BUILD_CUDA=auto``: when the CUDA build fails, the C++-only retry keeps the flags
+    torch's ``BuildExtension`` added (``-DTORCH_EXTENSION_NAME=_C`` names the module that
+    ``PYBIND11_MODULE`` defines: without it the retried library cannot be imported). Simulated:
+    nvcc "found", the first compile fails, nothing is really compiled."""
+    from setuptools.command import build_ext as setuptools_build_ext
+    from setuptools.dist import Distribution
+
+    sys.path.insert(0, str(ROOT))
+    import build_extension
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DSNOT_BUILD_EXT", raising=False)
+    monkeypatch.delenv("DSNOT_BUILD_CUDA", raising=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setattr(build_extension, "_cuda_problem", lambda torch, cpp_extension: None)
+    make = build_extension._make_extension
+
+    def cuda_like(cpp_extension, flags, with_cuda):      # a CPU torch cannot make a CUDAExtension
+        ext = make(cpp_extension, flags, False)
+        if with_cuda:
+            ext.extra_compile_args = {"cxx": list(flags["DSNOT_CXX_FLAGS"]), "nvcc": ["-O3"]}
+        return ext
+    monkeypatch.setattr(build_extension, "_make_extension", cuda_like)
+    compiled = []
+
+    def compile_once(self, ext):
+        compiled.append({k: list(v) for k, v in ext.extra_compile_args.items()})
+        if len(compiled) == 1:
+            raise RuntimeError("nvcc failed (simulated)")
+    monkeypatch.setattr(setuptools_build_ext.build_ext, "build_extension", compile_once)
+    cmd = Distribution({"name": "probe", **build_extension.extension_setup_kwargs()}).get_command_obj("build_ext")
+    cmd.ensure_finalized()
+    cmd.run()
+    assert len(compiled) == 2 and "nvcc" in compiled[0] and "nvcc" not in compiled[1], compiled
+    assert "-DTORCH_EXTENSION_NAME=_C" in compiled[0]["cxx"]          # what torch adds
+    assert set(compiled[0]["cxx"]) == set(compiled[1]["cxx"]), compiled

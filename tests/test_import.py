@@ -78,3 +78,24 @@ def test_works_without_triton_and_extension():
     assert "blocked by the test" in available["triton"]      # the finder really hid triton
     assert report["cuda_initialized_after"] is False
     assert report["heavy_after"] == []
+    # a missing extension reads as "not built" (the blocked finder raises ModuleNotFoundError)
+    assert available["ext"].startswith("dsnot_kernels._C is not built"), available["ext"]
+
+
+def test_extension_load_errors_are_told_apart(monkeypatch):
+    """A missing ``_C`` is "not built"; one that exists but fails to load (built against another
+    torch, a truncated file) says so and how to rebuild; ``ext.call`` without it raises that
+    reason instead of an AttributeError on None."""
+    import pytest
+
+    from dsnot_kernels import ext
+    missing = ImportError("cannot import name '_C' from 'dsnot_kernels'")
+    assert ext._load_error(missing, built=False).startswith("dsnot_kernels._C is not built")
+    broken = ext._load_error(ImportError("_C.cpython-311-x86_64-linux-gnu.so: undefined symbol: _ZN3c10"),
+                             built=True)
+    assert broken.startswith("dsnot_kernels._C is built but cannot be loaded (ImportError: ")
+    assert "undefined symbol" in broken and "rebuild it against this torch" in broken
+    monkeypatch.setattr(ext, "_C", None)
+    monkeypatch.setattr(ext, "_LOAD_ERROR", broken)
+    with pytest.raises(RuntimeError, match="is built but cannot be loaded"):
+        ext.call("refine_nm")
