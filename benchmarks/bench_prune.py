@@ -37,7 +37,7 @@ import dsnot_kernels as dk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))   # running from a checkout
 from dsnot_prune import data as data_mod  # noqa: E402
 from dsnot_prune.models import DriverError, find_decoder_layers, find_linears, load_model, parse_skip  # noqa: E402
-from dsnot_prune.pipeline import PruneArgs, prune_model  # noqa: E402
+from dsnot_prune.pipeline import PruneArgs, prune_model, resolve_device  # noqa: E402
 from bench_common import machine_name, write_results_atomic  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -158,10 +158,10 @@ def write_results(rows: List[dict], out_dir: Path) -> None:
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse bad options before the model loads (``parser.error``: exit 2, the option named)."""
-    if args.device != "cpu" and not (args.device == "cuda" or args.device.startswith("cuda:")):
-        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is visible")
+    try:
+        resolve_device(args.device)             # cpu, cuda or cuda:N of a visible GPU
+    except DriverError as exc:
+        parser.error(str(exc))
     for option in ("repeats", "nsamples", "seqlen", "batch_size", "synthetic_layers", "synthetic_nsamples",
                    "synthetic_seqlen"):
         if getattr(args, option) < 1:

@@ -185,9 +185,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, v
             parser.error(f"--patterns {pattern!r} / --sparsity {args.sparsity}: {exc}")
     if args.backends:
         for name in (b.strip() for b in args.backends.split(",")):
-            if name not in dk.BACKENDS:
-                parser.error(f"--backends: expected a comma list of {', '.join(dk.BACKENDS)}, got {name!r}")
-            for pattern in patterns:
+            if name not in dk.BACKENDS + ("auto",):
+                parser.error(f"--backends: expected a comma list of auto, {', '.join(dk.BACKENDS)}, got {name!r}")
+            for pattern in patterns if name != "auto" else ():
                 reason = unavailable_reason(name, args.device, dk.parse_pattern(pattern)[1] > 0)
                 if reason is not None:
                     parser.error(f"--backends {name} cannot run {pattern} on {args.device}: {reason}")

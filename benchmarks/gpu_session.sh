@@ -29,7 +29,8 @@
 # still returns what it measured ("complete": false in the JSON).
 # Uses the machine's own torch/triton (no venv): the GPU machine has no network.
 # DRY_RUN=1 prints each step's command and deadline instead of running it (`all`: into
-# steps-dry-run.tsv, so a real run's steps.tsv is left alone; one step: prints it, runs nothing).
+# steps-dry-run.tsv, so a real run's steps.tsv is left alone; one step: prints its name and
+# runs nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step="${1:?usage: gpu_session.sh all|build|bench|test|profile|ncu}"
@@ -97,7 +98,7 @@ case "$step" in
     run_step profile 60 profile
     run_step ncu 90 ncu
     run_step test_llama 600 test TESTS=llama
-    echo "gpu_session all: $(( SECONDS - started )) s of ${BUDGET_S} s; logs and steps.tsv in $dest"
+    echo "gpu_session all: $(( SECONDS - started )) s of ${BUDGET_S} s; logs and $(basename "$steps_file") in $dest"
     cat "$steps_file"
     [[ "${DRY_RUN:-0}" == 1 ]] || python -c 'import sys; sys.path.insert(0, "benchmarks")
 from bench_common import print_summary; print_summary(sys.argv[1:])' \

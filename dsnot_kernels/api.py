@@ -382,7 +382,8 @@ def apply_mask_(layer: LayerLike, mask: Union[torch.Tensor, RefineResult]) -> No
     """
     if isinstance(layer, nn.Module) and not isinstance(layer, nn.Linear):
         raise TypeError(f"layer must be an nn.Linear or a weight tensor [out, in], got a "
-                        f"{type(layer).__name__} module: pass its weight as a tensor")
+                        f"{type(layer).__name__} module: pass its weight as a tensor [out, in] "
+                        f"(e.g. a Conv1D's weight.T) and the mask of that shape")
     weight = layer.weight if isinstance(layer, nn.Linear) else layer
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"layer must be an nn.Linear or a weight tensor, got {type(layer).__name__}")

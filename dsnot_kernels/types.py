@@ -115,6 +115,7 @@ class RefineConfig:
         # refuse a bad setting where it is made, not at the first refine (which validates
         # again: fields can be changed after construction)
         self.validate()
+        self.max_cycle_time = int(self.max_cycle_time)     # a numpy/torch integer -> int (JSON, repr)
 
     # ---- derived values -------------------------------------------------------------
     @property

@@ -479,6 +479,7 @@ def test_numeric_types_and_named_errors(layer):
     # integer max_cycle_time of any integer type (numpy, a 0-d torch tensor) counts like an int
     for cycles in (np.int64(7), torch.tensor(7)):
         cfg = dk.RefineConfig(sparsity=0.5, max_cycle_time=cycles)
+        assert type(cfg.max_cycle_time) is int                # (a config stays JSON-serialisable)
         assert torch.equal(dk.refine(weight, stats, cfg).swaps,
                            dk.refine(weight, stats, dk.RefineConfig(sparsity=0.5, max_cycle_time=7)).swaps)
     with pytest.raises(ValueError, match="max_cycle_time"):

@@ -503,6 +503,8 @@ def test_save_through_links_and_not_into_the_working_directory(capsys, tmp_path,
         assert cli.main(base + ["--save", str(tmp_path / link)]) == 0, capsys.readouterr().err
         assert (tmp_path / target / "config.json").is_file() and (tmp_path / link).is_symlink()
         assert (tmp_path / link / "dsnot_report.json").is_file()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    _fails(base + ["--save", str(tmp_path / "loop")], capsys, "cannot follow its symbolic links")
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)

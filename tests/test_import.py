@@ -95,6 +95,14 @@ def test_extension_load_errors_are_told_apart(monkeypatch):
                              built=True)
     assert broken.startswith("dsnot_kernels._C is built but cannot be loaded (ImportError: ")
     assert "undefined symbol" in broken and "rebuild it against this torch" in broken
+    # "built" means a _C file exists to import, loadable or not
+    monkeypatch.setattr(ext.importlib.util, "find_spec", lambda name: object())
+    assert ext._is_built()
+
+    def absent(name):
+        raise ModuleNotFoundError(name)
+    monkeypatch.setattr(ext.importlib.util, "find_spec", absent)
+    assert not ext._is_built()
     monkeypatch.setattr(ext, "_C", None)
     monkeypatch.setattr(ext, "_LOAD_ERROR", broken)
     with pytest.raises(RuntimeError, match="is built but cannot be loaded"):

@@ -133,7 +133,7 @@ def check_save_dir(path: Optional[str]) -> None:
     making and removing a temporary directory there, so the run cannot fail at its end)."""
     if path is None:
         return
-    p = Path(path).resolve()        # a link saves where it points (save_model replaces that)
+    p = _resolved(path, "--save")   # a link saves where it points (save_model replaces that)
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise DriverError(f"--save {path!r} exists and is not an empty directory; refusing to overwrite it")
     if p == Path.cwd().resolve():
@@ -146,6 +146,14 @@ def check_save_dir(path: Optional[str]) -> None:
     _probe_writable(parent, f"--save {path!r}")
 
 
+def _resolved(path: str, option: str) -> Path:
+    """``path`` with its symbolic links followed (a loop is a clean error naming ``option``)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as exc:      # RuntimeError: "Symlink loop" (Python < 3.13)
+        raise DriverError(f"{option} {path!r}: cannot follow its symbolic links ({exc})") from exc
+
+
 def check_report_path(path: Optional[str], save: Optional[str]) -> None:
     """``--report``: a file path (not a directory) whose directory exists or can be made, in a
     writable place, and not inside ``--save`` (which gets its own ``dsnot_report.json``)."""
@@ -155,7 +163,7 @@ def check_report_path(path: Optional[str], save: Optional[str]) -> None:
     if target.is_dir():
         raise DriverError(f"--report {path!r} is a directory: give a file path, e.g. {path.rstrip('/')}/report.json")
     if save is not None:
-        saved, real = Path(save).resolve(), target.resolve()     # through '..' and links
+        saved, real = _resolved(save, "--save"), _resolved(str(target), "--report")   # through '..' and links
         if saved == real or saved in real.parents:
             raise DriverError(f"--report {path!r} lies inside --save {save!r}, which must be a new directory "
                               f"(the saved model gets its own dsnot_report.json there): put the report elsewhere")
@@ -484,7 +492,7 @@ def save_model(model: nn.Module, tokenizer, report: Dict[str, Any], path: str) -
     """safetensors model + tokenizer + report.json, atomically: a temp dir renamed into place.
     The weights are saved in the dtype the run used (``report["dtype"]``)."""
     check_save_dir(path)
-    target = Path(path).resolve()
+    target = _resolved(path, "--save")
     umask = _umask()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -544,7 +552,7 @@ def _run(args: PruneArgs, model: Optional[nn.Module], tokenizer) -> Dict[str, An
     _check_backend(args.backend, device, args.pattern)
     check_save_dir(args.save)
     check_report_path(args.report, args.save)
-    report_path = os.path.abspath(args.report) if args.report else None
+    report_path = str(Path(args.report).absolute()) if args.report else None   # where it was checked
     if args.eval_dense and not args.eval:
         raise DriverError("--eval-dense measures the dense model before the evaluation, which --no-eval "
                           "turns off: drop one of them")
@@ -557,6 +565,9 @@ def _run(args: PruneArgs, model: Optional[nn.Module], tokenizer) -> Dict[str, An
     if args.eval_windows is not None and args.eval_windows < 1:
         raise DriverError(f"--eval-windows must be >= 1, got {args.eval_windows}")
     skip = parse_skip(args.skip_policy())
+    if args.refine and cfg.max_cycle_time == 0 and args.init == "sparsegpt" and args.max_cycle_time is None:
+        log("--init sparsegpt: keeping SparseGPT's masks (DSnoT after SparseGPT measured worse); "
+            "name --preset original or --max-cycle-time to run DSnoT on them")
 
     clock = timed()
     if model is None:
