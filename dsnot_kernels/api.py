@@ -7,7 +7,6 @@ layer.
 from __future__ import annotations
 
 import math
-import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 from .backends import choose_backend, run_backend
 from .problem import RefineOutput, RefineProblem, column_factors
 from .sparsegpt import sparsegpt_prune, sparsegpt_saliency
-from .types import LayerStats, RefineConfig, RefineResult
+from .types import LayerStats, RefineConfig, RefineResult, as_int
 
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LayerLike = Union[nn.Linear, torch.Tensor]
@@ -155,13 +154,8 @@ def _check_stats(stats: LayerStats, weight: torch.Tensor, owner: str = "the laye
         if value.device != weight.device:
             raise ValueError(f"stats.{field} is on {value.device} but {owner}'s weight is on {weight.device}; "
                              f"move them to one device (stats.to(device))")
-    try:   # any integer type (numpy, torch scalars) is fine, a bool is not
-        nsamples, ntokens = operator.index(stats.nsamples), operator.index(stats.ntokens)
-        if isinstance(stats.nsamples, bool) or isinstance(stats.ntokens, bool):
-            raise TypeError
-    except TypeError:
-        nsamples = ntokens = -1
-    if nsamples <= 0 or ntokens < nsamples:
+    nsamples, ntokens = as_int(stats.nsamples), as_int(stats.ntokens)   # any integer type, not a bool
+    if nsamples is None or ntokens is None or nsamples <= 0 or ntokens < nsamples:
         raise ValueError(f"stats.nsamples must be a positive int and stats.ntokens >= nsamples, "
                          f"got {stats.nsamples!r}, {stats.ntokens!r}")
 

