@@ -33,14 +33,18 @@ def _is_built() -> bool:
         return False
 
 
+# how to (re)build the extension, for the messages below: in the checkout or unpacked sdist,
+# editable (-e) or not, against the torch installed in the environment
+INSTALL = "pip install --no-build-isolation [-e] ."
+
+
 def _load_error(exc: BaseException, built: bool) -> str:
     """Why ``dsnot_kernels._C`` did not load: not ``built``, or built but not loadable (a file
     built against another torch, a broken or truncated file)."""
     if not built:
-        return (f"dsnot_kernels._C is not built (pip install --no-build-isolation -e . with a C++ "
-                f"compiler; import said: {exc})")
+        return f"dsnot_kernels._C is not built ({INSTALL} with a C++ compiler; import said: {exc})"
     return (f"dsnot_kernels._C is built but cannot be loaded ({type(exc).__name__}: {exc}); rebuild it "
-            f"against this torch {torch.__version__}: pip install --no-build-isolation -e .")
+            f"against this torch {torch.__version__}: {INSTALL}")
 
 
 _C = None
@@ -69,7 +73,7 @@ def unavailable_reason(device: torch.device, nm: bool = True) -> Optional[str]:
         return _LOAD_ERROR
     if device.type == "cpu":
         if not nm and not hasattr(_C, "refine_unstructured"):
-            return "dsnot_kernels._C predates the unstructured path (rebuild: pip install --no-build-isolation -e .)"
+            return f"dsnot_kernels._C predates the unstructured path (rebuild: {INSTALL})"
         return None
     if device.type == "cuda":
         if not has_cuda():
@@ -114,7 +118,7 @@ def _cuda_image_reason(index: int) -> Optional[str]:
     gpu = f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
     if major < 8:
         return f"dsnot_kernels._C's CUDA path needs an sm_80 or newer GPU, not {gpu}"
-    rebuild = f'TORCH_CUDA_ARCH_LIST="{major}.{minor}" pip install --no-build-isolation -e .'
+    rebuild = f'TORCH_CUDA_ARCH_LIST="{major}.{minor}" {INSTALL}'
     if code in _NO_IMAGE:
         return f"dsnot_kernels._C's CUDA path was not built for {gpu}: rebuild with {rebuild}"
     if code in _PTX_NOT_LOADED:

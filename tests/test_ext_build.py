@@ -99,3 +99,28 @@ def test_cuda_fallback_keeps_torch_defines(monkeypatch, tmp_path):
     assert len(compiled) == 2 and "nvcc" in compiled[0] and "nvcc" not in compiled[1], compiled
     assert "-DTORCH_EXTENSION_NAME=_C" in compiled[0]["cxx"]          # what torch adds
     assert set(compiled[0]["cxx"]) == set(compiled[1]["cxx"]), compiled
+
+
+def test_sdist_holds_what_the_build_needs(tmp_path):
+    """A source distribution builds the extension only if it carries build_extension.py,
+    CMakeLists.txt (the compile flags) and every csrc/ source and header (MANIFEST.in):
+    setuptools alone packs only the listed .cpp sources. Built from a copy, so that the
+    checkout gets no egg-info."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", ".hypothesis",
+        ".pytest_cache", ".cache", "results"))
+    env = dict(os.environ, DSNOT_BUILD_EXT="0")     # no ext_modules: MANIFEST.in alone must list csrc/
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
+                          cwd=src, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import tarfile
+    (archive,) = (tmp_path / "dist").glob("dsnot_kernels-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = {"setup.py", "pyproject.toml", "build_extension.py", "CMakeLists.txt", "MANIFEST.in"}
+    needed |= {f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.suffix in (".cpp", ".h", ".cu")}
+    needed |= {str(p.relative_to(ROOT)) for p in (ROOT / "dsnot_kernels").rglob("*.py")}
+    needed |= {str(p.relative_to(ROOT)) for p in (ROOT / "python").rglob("*.py")}
+    assert not needed - names, f"missing from the sdist: {sorted(needed - names)}"
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
