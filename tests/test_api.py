@@ -72,6 +72,7 @@ BAD_INPUTS = {
     "sparsity-above-one": (lambda w, s: (w, s, _changed_cfg(sparsity=1.5), None), ValueError, "sparsity"),
     "sparsity-nan": (lambda w, s: (w, s, _changed_cfg(sparsity=math.nan), None), ValueError, "sparsity"),
     "sparsity-str": (lambda w, s: (w, s, _changed_cfg(sparsity="0.5"), None), TypeError, "sparsity"),
+    "sparsity-bool": (lambda w, s: (w, s, _changed_cfg(sparsity=True), None), TypeError, "sparsity"),
     # NaN / inf
     "weight-nan": (lambda w, s: (_nan_at(w), s, None, None), ValueError, "layer"),
     "weight-inf": (lambda w, s: (_nan_at(w, math.inf), s, None, None), ValueError, "layer"),
@@ -121,6 +122,9 @@ BAD_INPUTS = {
     "cfg-dict": (lambda w, s: (w, s, {"sparsity": 0.5}, None), TypeError, "cfg"),
     "nsamples-zero": (lambda w, s: (w, _with(s, nsamples=0), None, None), ValueError, "nsamples"),
     "nsamples-bool": (lambda w, s: (w, _with(s, nsamples=True), None, None), ValueError, "nsamples"),
+    # LayerStats' defaults are nsamples=ntokens=1: a sample count alone leaves fewer tokens
+    "ntokens-below-nsamples": (lambda w, s: (w, _with(s, nsamples=16, ntokens=8), None, None), ValueError,
+                               "ntokens >= nsamples"),
     "weight-no-columns": (lambda w, s: (w[:, :0], s, None, None), ValueError, "at least one input column"),
     "weight-meta": (lambda w, s: (w.to("meta"), s, None, None), ValueError, "meta device"),
     "init-unknown": (lambda w, s: (w, s, _changed_cfg(init="random"), None), ValueError, "init"),
@@ -214,7 +218,7 @@ def test_refine_defaults_to_refine_config(layer):
     explicit = dk.refine(weight, stats, dk.RefineConfig(), backend="reference")
     assert torch.equal(res.pruned_mask, explicit.pruned_mask)
     assert torch.equal(res.swaps, explicit.swaps)
-    torch.testing.assert_close(res.error_after, explicit.error_after, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.error_after, explicit.error_after, rtol=1e-5, atol=0.0)
     assert bool((res.pruned_mask.sum(1) == COLS // 2).all())
     assert int(res.swaps.sum()) > 0
     assert res.updated_weight is None
@@ -321,6 +325,8 @@ def test_apply_mask_bad_mask(layer):
         dk.apply_mask_(weight.clone(), torch.zeros(ROWS, COLS))
     with pytest.raises(TypeError, match="layer"):
         dk.apply_mask_(nn.ReLU(), torch.zeros(ROWS, COLS, dtype=torch.bool))
+    with pytest.raises(TypeError, match="layer must be an nn.Linear or a weight tensor, got list"):
+        dk.apply_mask_(weight.tolist(), torch.zeros(ROWS, COLS, dtype=torch.bool))
 
 
 # ---- refine_many --------------------------------------------------------------------------------
@@ -462,6 +468,10 @@ def test_refine_with_stats_on_weight_device_after_to(layer):
     meta = stats.to("meta")
     assert meta.sum_metric_row.device.type == "meta" and meta.hessian.device.type == "meta"
     assert stats.sum_metric_row.device.type == "cpu"
+    # the moved statistics refine the layer as the originals do
+    cfg = dk.RefineConfig(sparsity=0.5)
+    assert torch.equal(dk.refine(weight, moved, cfg, backend="reference").pruned_mask,
+                       dk.refine(weight, stats, cfg, backend="reference").pruned_mask)
 
 
 def test_robust_preset_keeps_sparsegpt_masks_unless_told():

@@ -439,8 +439,11 @@ def test_save_into_non_empty_directory(capsys, tmp_path, text_file):
     (["--dataset", "wikitext2", "--no-eval", "--nsamples", "1"], "datasets"),
     (["--eval-windows", "0"], "--eval-windows must be >= 1"),
     (["--nsamples", "0"], "--nsamples must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--seqlen", "1"], "--seqlen >= 2"),
+    (["--skip", "mlp,none"], "'none' cannot be combined"),
 ], ids=["sparsity", "max-cycle-time", "eval-dense-without-eval", "pattern", "skip",
-        "dataset-without-datasets", "eval-windows", "nsamples"])
+        "dataset-without-datasets", "eval-windows", "nsamples", "batch-size", "seqlen", "skip-none-and-more"])
 def test_bad_options(argv, match, capsys, tmp_path, text_file, tokenizer, monkeypatch):
     if "wikitext2" in argv:
         try:
@@ -453,6 +456,51 @@ def test_bad_options(argv, match, capsys, tmp_path, text_file, tokenizer, monkey
         tokenizer.save_pretrained(str(src))
         argv = argv + ["--model", str(src)]
     _fails(argv, capsys, match)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--device", "cuda"], "--device cuda: CUDA is not available here"),
+    (["--device", "cpu", "--backend", "fast"], "--backend must be 'auto' or one of"),
+    (["--device", "cpu", "--backend", "triton"], "--backend triton cannot run on cpu"),
+], ids=["cuda-without-cuda", "unknown-backend", "triton-on-cpu"])
+def test_device_and_backend_are_checked_first(argv, match, capsys, tmp_path, text_file, monkeypatch):
+    """A first run on a machine without what it names fails before the model loads."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)     # Triton on a CPU is a test mode only
+    rc = cli.main(["--model", "smollm2", "--calib-text", text_file, "--eval-text", text_file,
+                   "--save", str(tmp_path / "out"), "--no-progress", "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"dsnot-prune: error: {match}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_models_the_driver_cannot_prune(capsys, tmp_path, text_file, tokenizer):
+    """A directory that is no model, and a GPT-2 (Conv1D sublayers): clean errors, nothing saved."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    _fails(["--model", str(empty), "--calib-text", text_file, "--eval-text", text_file, "--save", str(out)],
+           capsys, "is a directory without config.json")
+    gpt2 = tmp_path / "gpt2"
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    transformers.GPT2LMHeadModel(config).save_pretrained(str(gpt2))
+    tokenizer.save_pretrained(str(gpt2))
+    _fails(["--model", str(gpt2), "--calib-text", text_file, "--eval-text", text_file, "--save", str(out)],
+           capsys, "GPT-2 style Conv1D layers are not supported")
+    assert not out.exists()
+
+
+def test_save_under_a_missing_directory(capsys, tmp_path, text_file):
+    _fails(["--model", "smollm2", "--calib-text", text_file, "--eval-text", text_file,
+            "--save", str(tmp_path / "no-such-dir" / "out")], capsys, "parent directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_text_too_short(capsys, tmp_path, tokenizer):
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.\n")
+    _fails(["--model", str(_tiny_dir(tmp_path, tokenizer)), "--calib-text", str(short), "--no-eval",
+            "--seqlen", "32", "--nsamples", "1"], capsys, "too short for --seqlen 32")
 
 
 def _tiny_dir(tmp_path, tokenizer):

@@ -116,6 +116,18 @@ def test_kernels_survive_non_finite_input(backend, pattern):
         keep = ~bad_rows
         assert torch.equal(out.pruned_mask.cpu()[keep], clean.pruned_mask.cpu()[keep])
         assert torch.equal(out.swaps.cpu()[keep], clean.swaps.cpu()[keep])
+        # every row keeps its swap bound; a poisoned S or V^p (which reaches every row) leaves
+        # the initial scores clean, and swaps keep the pattern's counts. (A NaN initial score
+        # may break a group's count in the ext kernel: outputs of bad input are dropped.)
+        swaps = out.swaps.cpu()
+        assert bool(((swaps >= 0) & (swaps <= problem.cycles)).all())
+        pruned = out.pruned_mask.cpu()
+        if bad.weight is bad_weight:
+            continue
+        if nm:
+            assert bool((pruned.reshape(ROWS, -1, 4).sum(-1) == 2).all())
+        else:
+            assert bool((pruned.sum(1) == problem.pruned_per_row).all())
 
 
 def test_value_checks_order_dtypes_and_flags():
