@@ -85,6 +85,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 
 
 def sparsegpt_saliency(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """SparseGPT's saliency ``w² / U_jj²`` of ``weight`` without any update (float32 ``[out, in]``)."""
-    upper, _ = _inverse_cholesky(hessian, weight)
-    return weight.to(torch.float32) ** 2 / torch.diagonal(upper) ** 2
+    """SparseGPT's saliency ``w² / U_jj²`` of ``weight`` without any update (float32 ``[out, in]``);
+    0 on dead columns (``H_jj = 0``: an input that is always zero), whose weights SparseGPT zeroes."""
+    upper, dead = _inverse_cholesky(hessian, weight)
+    score = weight.to(torch.float32) ** 2 / torch.diagonal(upper) ** 2
+    score[:, dead] = 0
+    return score

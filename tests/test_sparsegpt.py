@@ -89,6 +89,9 @@ def test_dead_input_channel():
     assert bool(torch.isfinite(updated).all())
     assert bool((mask.sum(1) == 32).all())
     assert bool((updated[:, 5] == 0).all())          # a dead channel's weight carries nothing
+    # the saliency without the update (N:M partner score for a given mask) agrees: 0 there
+    score = sparsegpt_saliency(weight, acc.finalize().hessian)
+    assert bool((score[:, 5] == 0).all()) and bool((score[:, :5] > 0).all())
 
 
 def test_saliency_formula():
