@@ -45,7 +45,7 @@ struct Scratch {
   std::vector<float> gp;               // [cols + 8] G of the pruned columns, compacted
   std::vector<int32_t> pruned;         // [cols] the row's initially pruned columns
   std::vector<uint8_t> initial;        // [cols] the row's initial mask (partner rule)
-  std::vector<uint64_t> grow[2];       // candidate keys of grow+ / grow- (>= 4T + 1 slots)
+  std::vector<uint64_t> grow[2];       // candidate keys of grow+ / grow- (>= 4 min(T, in) + 1 slots)
   std::vector<int32_t> order;          // one group's columns by initial score (runtime M)
   float guess[2] = {0.0f, 0.0f};       // G floors carried from the previous row (0 = none)
 
@@ -57,7 +57,9 @@ struct Scratch {
     gp.resize(cols + 8);
     pruned.resize(cols);
     initial.resize(cols);
-    const size_t cap = std::max<size_t>(4 * (size_t)cycles, 256) + 1;
+    // a queue never holds more than the row's columns: size by that, not by max_cycle_time
+    const size_t depth = (size_t)std::min<int64_t>(cycles, cols);
+    const size_t cap = std::max<size_t>(4 * depth, 256) + 1;
     grow[0].resize(cap);
     grow[1].resize(cap);
   }
@@ -271,7 +273,7 @@ void refine_row(const dsnot_nm_problem& p, const dsnot_nm_output& o, int64_t r, 
   int32_t swaps = 0;
   if (queues) {
     // D. grow queues (heaps of their T best keys)
-    const size_t depth = (size_t)p.cycles;
+    const size_t depth = (size_t)std::min<int64_t>(p.cycles, cols);   // as Scratch::reserve
     size_t left[2];
     float* gp = s.gp.data();  // G of the pruned columns, contiguous, zero-padded to 8
     for (int64_t t2 = 0; t2 < n_pruned; ++t2) gp[t2] = g[idx[t2]];

@@ -18,6 +18,7 @@ from .sparsegpt import sparsegpt_prune, sparsegpt_saliency
 from .types import LayerStats, RefineConfig, RefineResult, as_int
 
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 LayerLike = Union[nn.Linear, torch.Tensor]
 
 
@@ -74,7 +75,10 @@ class _ValueChecks:
             return
         # one aminmax answers both: NaN propagates into min/max, +-inf shows in one of them
         low, high = torch.aminmax(tensor)
-        self._pending.append((name, "nonnegative" if nonnegative else "finite", [low, high]))
+        kind = "nonnegative" if nonnegative else "finite"
+        if tensor.dtype == torch.float64:
+            kind += "-float32"   # the backends compute in float32: the values must fit it too
+        self._pending.append((name, kind, [low, high]))
 
     def flag(self, message: str, bad: torch.Tensor) -> None:
         """Queue "raise ValueError(``message``) if the 0-d bool ``bad`` is True"."""
@@ -133,7 +137,10 @@ class _ValueChecks:
                 low, high = got
                 if not (math.isfinite(low) and math.isfinite(high)):
                     raise ValueError(f"{name} contains NaN or inf")
-                if kind == "nonnegative" and low < 0:
+                if kind.endswith("-float32") and max(-low, high) > FLOAT32_MAX:
+                    raise ValueError(f"{name} holds values beyond float32's range (|x| > {FLOAT32_MAX:.4g}), "
+                                     f"where the refinement computes")
+                if kind.startswith("nonnegative") and low < 0:
                     raise ValueError(f"{name} must be >= 0 (it is a mean of squares / a variance)")
 
 
@@ -190,7 +197,7 @@ def _check_initial_mask(mask: torch.Tensor, weight: torch.Tensor, cfg: RefineCon
         raise ValueError(f"{name} is on {mask.device} but {owner}'s weight is on {weight.device}")
     n, m = cfg.nm
     if m:
-        per_group = mask.reshape(mask.shape[0], -1, m).sum(-1)
+        per_group = mask.reshape(mask.shape[0], mask.shape[1] // m, m).sum(-1)   # (not -1: 0 rows)
         checks.flag(f"{name} must prune exactly {n} of every {m} columns for pattern {cfg.pattern!r}",
                     (per_group != n).any())
     return mask.contiguous()

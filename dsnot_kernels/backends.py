@@ -89,7 +89,8 @@ def problem_reason(name: str, problem: RefineProblem) -> Optional[str]:
     ``max_cycle_time`` (far above the default 50); the extension counts cycles in 32 bits."""
     if name == "triton":
         from .ops.refine import limit_reason
-        return limit_reason(problem.cycles, problem.cols, problem.is_nm, problem.weight.device)
+        return limit_reason(problem.cycles, problem.cols, problem.is_nm, problem.weight.device,
+                            m=problem.prune_m)
     if name == "ext" and problem.cycles > 2 ** 31 - 1:
         return f"max_cycle_time={problem.cycles} is too large for the ext backend (at most 2^31 - 1)"
     return None

@@ -56,6 +56,8 @@ class StatsAccumulator:
             return self.use_triton
         if x.device.type != "cuda" or os.environ.get("DSNOT_DISABLE_TRITON") == "1":
             return False
+        if x.dtype == torch.float64:
+            return False     # the kernel reads fp16/bf16/fp32; float64 input takes the torch path
         from .backends import unavailable_reason
         return unavailable_reason("triton", x.device) is None
 

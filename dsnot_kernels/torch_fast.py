@@ -101,7 +101,9 @@ def refine_torch(problem: RefineProblem) -> RefineOutput:
     partner_rank = (torch.empty(rows, cols, dtype=_rank_dtype(problem.prune_m), device=device)
                     if problem.is_nm else None)
 
-    step = max(1, CHUNK_ELEMENTS.get(device.type, 1 << 19) // max(cols, 1))
+    # N:M group ranks compare every pair of a group (~m bytes per weight): fewer rows per chunk
+    per_weight = max(1, problem.prune_m // 8) if problem.is_nm else 1
+    step = max(1, CHUNK_ELEMENTS.get(device.type, 1 << 19) // (max(cols, 1) * per_weight))
     for r0 in range(0, rows, step):
         rs = slice(r0, min(rows, r0 + step))
         d, g, a = scores(problem, weight[rs])
@@ -163,7 +165,9 @@ def _run_cycles(problem: RefineProblem, mask, e, swaps, queue_cols, queue_valid,
         used = torch.zeros(rows, cols // m, dtype=_rank_dtype(m), device=device)
         in_group = torch.arange(m, device=device)
 
-    for cycle in range(problem.cycles):
+    # every cycle of a live row pops a grow queue: after 2 * depth of them (+1 to see them
+    # empty) every row has stopped, whatever max_cycle_time says (a GPU never checks early)
+    for cycle in range(min(problem.cycles, 2 * depth + 1)):
         active &= e.abs() > problem.threshold
         positive = e > 0
         g_pos, has_pos = pop(0, ptr[:, 0])

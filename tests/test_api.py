@@ -78,6 +78,12 @@ BAD_INPUTS = {
     "weight-inf": (lambda w, s: (_nan_at(w, math.inf), s, None, None), ValueError, "layer"),
     "sum_metric_row-nan": (lambda w, s: (w, _with(s, sum_metric_row=_nan_at(s.sum_metric_row)), None, None),
                            ValueError, "stats.sum_metric_row"),
+    # float64 statistics that fit float64 but not float32, where the backends compute (inf there)
+    "scaler_row-beyond-float32": (lambda w, s: (w, _with(s, scaler_row=_nan_at(s.scaler_row.double(), 1e300)),
+                                                None, None), ValueError, "stats.scaler_row holds values beyond"),
+    "sum_metric_row-beyond-float32": (lambda w, s: (w, _with(s, sum_metric_row=_nan_at(s.sum_metric_row.double(),
+                                                                                        -1e40)),
+                                                    None, None), ValueError, "stats.sum_metric_row holds values"),
     "scaler_row-inf": (lambda w, s: (w, _with(s, scaler_row=_nan_at(s.scaler_row, math.inf)), None, None),
                        ValueError, "stats.scaler_row"),
     "var-nan": (lambda w, s: (w, _with(s, var=_nan_at(s.var)), None, None), ValueError, "stats.var"),
@@ -525,3 +531,38 @@ def test_only_linear_modules_are_read_as_layers(layer):
         dk.apply_mask_(conv, torch.zeros(ROWS, COLS, dtype=torch.bool))
     # its transposed weight is the layer
     assert dk.refine(conv.weight.T, stats).pruned_mask.shape == (ROWS, COLS)
+
+
+# ---- edge shapes and settings far beyond a row ---------------------------------------------------
+def _backends(nm: bool):
+    from dsnot_kernels.backends import unavailable_reason
+    return [b for b in dk.BACKENDS if unavailable_reason(b, "cpu", nm=nm) is None]
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_layers_without_rows(layer, pattern):
+    """A 0-row layer (with or without an initial mask, alone or in refine_many) refines to
+    empty results on every backend."""
+    _, stats = layer
+    cfg = dk.RefineConfig(pattern=pattern, sparsity=0.5)
+    empty = torch.zeros(0, COLS)
+    for backend in _backends(pattern != "unstructured"):
+        for mask in (None, torch.zeros(0, COLS, dtype=torch.bool)):
+            res = dk.refine(empty, stats, cfg, backend=backend, initial_mask=mask)
+            assert res.pruned_mask.shape == (0, COLS) and res.swaps.shape == (0,), backend
+        results = dk.refine_many([empty, layer[0]], stats, cfg, backend=backend)
+        assert results[0].pruned_mask.shape == (0, COLS), backend
+        assert_same_result(results[1], dk.refine(layer[0], stats, cfg, backend=backend), backend)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_max_cycle_time_far_beyond_the_row(layer, pattern):
+    """max_cycle_time of 10^9 on 32-column rows: every backend sizes its queues and swap
+    history by the row (the C++ N:M path had sized buffers by T: ~64 GB a thread; Triton's N:M
+    history tile by T: over its element limit) and gives the reference's result."""
+    weight, stats = layer
+    cfg = dk.RefineConfig(pattern=pattern, sparsity=0.5, max_cycle_time=10 ** 9, update_threshold=0.0)
+    expected = dk.refine(weight, stats, cfg, backend="reference")
+    assert int(expected.swaps.max()) > 0
+    for backend in _backends(pattern != "unstructured"):
+        assert_same_result(dk.refine(weight, stats, cfg, backend=backend), expected, backend)

@@ -136,11 +136,17 @@ def test_value_checks_order_dtypes_and_flags():
     checks = _ValueChecks()
     checks.finite("a", torch.tensor([1.0, 2.0], dtype=torch.float16))
     checks.finite("b", torch.tensor([0.0, 3.0]), nonnegative=True)
-    checks.finite("c", torch.tensor([1e300, -1e300], dtype=torch.float64))   # finite in float64
+    checks.finite("c", torch.tensor([3e38, -3e38], dtype=torch.float64))    # within float32's range
     checks.flag("d is bad", torch.tensor(False))
     checks.finite("empty", torch.empty(0))
     checks.judge()
     checks.judge()
+
+    # finite in float64 but not in float32, where the backends compute: refused
+    checks = _ValueChecks()
+    checks.finite("c", torch.tensor([1.0, -1e300], dtype=torch.float64))
+    with pytest.raises(ValueError, match="c holds values beyond float32's range"):
+        checks.judge()
 
     checks = _ValueChecks()
     checks.finite("a", torch.tensor([1.0, 2.0], dtype=torch.bfloat16))
