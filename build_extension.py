@@ -74,8 +74,9 @@ def _cuda_problem(torch, cpp_extension) -> str | None:
 
 
 # Python's own CFLAGS carry -g: without this the module is ~12 MB of debug information
-# around ~0.4 MB of code (measured, CPU path)
-LINK_FLAGS = ["-Wl,--strip-debug"]
+# around ~0.4 MB of code (measured, CPU path). GNU ld / lld syntax, hence Linux only. (The one
+# flag not in CMakeLists.txt: the CMake build links no Python module.)
+LINK_FLAGS = ["-Wl,--strip-debug"] if sys.platform.startswith("linux") else []
 
 
 def _make_extension(cpp_extension, flags: Dict[str, List[str]], with_cuda: bool):

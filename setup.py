@@ -2,8 +2,8 @@
 
 The optional compiled extension ``dsnot_kernels._C`` is built from csrc/ by
 ``build_extension.py`` (see README, "Building the extension"); the package works without it.
-Install with ``pip install --no-build-isolation -e .`` so the extension compiles against the
-torch already installed (build isolation would fetch another torch).
+Install with ``pip install --no-build-isolation [-e] .`` so the extension compiles against the
+torch already installed (with build isolation the build sees no torch and skips the extension).
 """
 import os
 import sys

@@ -138,8 +138,8 @@ class _ValueChecks:
                 if not (math.isfinite(low) and math.isfinite(high)):
                     raise ValueError(f"{name} contains NaN or inf")
                 if kind.endswith("-float32") and max(-low, high) > FLOAT32_MAX:
-                    raise ValueError(f"{name} holds values beyond float32's range (|x| > {FLOAT32_MAX:.4g}), "
-                                     f"where the refinement computes")
+                    raise ValueError(f"{name} holds values beyond float32's range (|x| > {FLOAT32_MAX:.4g}): "
+                                     f"the scores (and SparseGPT's factor) are computed in float32")
                 if kind.startswith("nonnegative") and low < 0:
                     raise ValueError(f"{name} must be >= 0 (it is a mean of squares / a variance)")
 

@@ -76,11 +76,29 @@ def unavailable_reason(name: str, device: Union[torch.device, str] = "cpu", nm: 
     return _REASONS[name](device, nm)
 
 
+# The widest N:M group the triton kernels take. They unroll one step per group member and rank
+# a group's members pairwise, so wider groups compile to kernels that spill kilobytes per
+# thread (AOT for sm_90: M = 128 streamed select kernel 12 KB of stack; M = 256 81 s to compile,
+# 10 KB; the cycles kernel at M = 1024 did not compile in 10 minutes); torch and ext take them.
+TRITON_MAX_GROUP = 64
+
+
+def triton_group_reason(m: int) -> Optional[str]:
+    """Why the triton backend cannot run N:M groups of ``m`` columns, or ``None``."""
+    if m > TRITON_MAX_GROUP:
+        return (f"N:M patterns with M > {TRITON_MAX_GROUP} are not supported by the triton backend "
+                f"(got M={m}: its kernels unroll and rank a group's members; use torch or ext)")
+    return None
+
+
 def available_backends(device: Union[torch.device, str] = "cpu",
                        pattern: str = "2:4") -> Dict[str, Union[bool, str]]:
     """Backend name -> ``True``, or the reason it cannot run for ``pattern`` on ``device``."""
-    nm = parse_pattern(pattern)[1] > 0
-    return {name: (unavailable_reason(name, device, nm) or True) for name in BACKENDS}
+    m = parse_pattern(pattern)[1]
+    found = {name: (unavailable_reason(name, device, m > 0) or True) for name in BACKENDS}
+    if found["triton"] is True and triton_group_reason(m):
+        found["triton"] = triton_group_reason(m)
+    return found
 
 
 def problem_reason(name: str, problem: RefineProblem) -> Optional[str]:

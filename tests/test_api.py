@@ -566,3 +566,19 @@ def test_max_cycle_time_far_beyond_the_row(layer, pattern):
     assert int(expected.swaps.max()) > 0
     for backend in _backends(pattern != "unstructured"):
         assert_same_result(dk.refine(weight, stats, cfg, backend=backend), expected, backend)
+
+
+def test_every_pruned_column_regrown_with_a_huge_max_cycle_time():
+    """Positive weights and statistics make every swap keep e > 0 (e = the sum of the pruned
+    D's, and a swap adds a kept partner's D > 0 for the regrown one's), so with no checks each
+    2:4 row regrows all 16 of its pruned columns: the most any row can swap, which the swap
+    history (Triton) and the queues (C++) must hold whatever max_cycle_time says."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.rand(4, COLS, generator=g) + 0.1
+    stats = dk.LayerStats(torch.rand(COLS, generator=g) + 0.5, torch.rand(COLS, generator=g) + 0.5,
+                          torch.rand(COLS, generator=g) + 0.5, nsamples=4, ntokens=64)
+    cfg = dk.RefineConfig(pattern="2:4", max_cycle_time=10 ** 9, update_threshold=0.0, sign_check=False)
+    expected = dk.refine(weight, stats, cfg, backend="reference")
+    assert expected.swaps.tolist() == [COLS // 2] * 4
+    for backend in _backends(True):
+        assert_same_result(dk.refine(weight, stats, cfg, backend=backend), expected, backend)

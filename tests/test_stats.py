@@ -231,3 +231,13 @@ def test_cuda_numerically_sound_with_large_offset():
     for b0 in range(0, 6, 2):
         acc.update(x[b0:b0 + 2].cuda())
     assert_stats_match(acc.finalize().to("cpu"), list(x), "cuda-offset")
+
+
+@pytest.mark.gpu
+def test_cuda_float64_input_takes_the_torch_path():
+    """The statistics kernel reads fp16/bf16/fp32: float64 CUDA samples go through the torch
+    path (automatically, not as a TypeError) and equal the float64 computation."""
+    x = make_samples(4, 16, 24, torch.float64, seed=5)
+    acc = dk.StatsAccumulator(24)
+    acc.update(x.cuda())
+    assert_stats_match(acc.finalize().to("cpu"), list(x), "cuda-float64")

@@ -211,3 +211,17 @@ def test_non_finite_growth_scores(pattern):
     w, stats, cfg = non_finite_growth_layer(pattern)
     res = _run(w, stats, cfg, f"{pattern}-non-finite-G")
     assert float(res.swaps.float().mean()) > 0
+
+
+@pytest.mark.gpu
+def test_cuda_stops_with_the_rows_not_at_max_cycle_time():
+    """On CUDA the cycle loop never asks the GPU whether rows are still active, so it must be
+    bounded by the queues: max_cycle_time 10^9 (otherwise ~10^9 steps of ~10 launches each)
+    finishes and equals the reference."""
+    weight, stats = make_layer(16, 64, torch.float32, seed=4)
+    for pattern in ("unstructured", "2:4"):
+        cfg = dk.RefineConfig(pattern=pattern, max_cycle_time=10 ** 9, update_threshold=0.0)
+        expected = dk.refine(weight, stats, cfg, backend="reference")
+        got = dk.refine(weight.cuda(), stats.to("cuda"), cfg, backend="torch")
+        assert_same_output((expected.pruned_mask, expected.swaps, expected.error_before, expected.error_after),
+                           (got.pruned_mask, got.swaps, got.error_before, got.error_after), f"cuda-{pattern}")

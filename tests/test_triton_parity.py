@@ -322,19 +322,22 @@ def test_cycle_limit_from_shared_memory(monkeypatch, gpu, optin, unstructured_ma
 
 
 def test_groups_too_wide_for_triton():
-    """The cycles kernel ranks a group's members pairwise ([rows, M, M], Triton's 2^20-element
-    cap): M > 1024 is refused before any launch, so auto takes another backend."""
+    """N:M groups wider than TRITON_MAX_GROUP (64) are refused before any launch, by
+    available_backends too (the driver checks it before any work); auto takes another backend."""
     from dsnot_kernels.api import build_problem
     from dsnot_kernels.backends import choose_backend
     from dsnot_kernels.ops import refine as launcher
     cpu = torch.device("cpu")
-    assert launcher.limit_reason(50, 4096, True, cpu, m=1024) is None
-    reason = launcher.limit_reason(50, 4096, True, cpu, m=2048)
-    assert reason is not None and "M > 1024" in reason and "M=2048" in reason
-    weight, stats = make_layer(2, 2048, torch.float32, seed=0)
-    problem, _ = build_problem(weight, stats, dk.RefineConfig(pattern="1:2048"))
-    with pytest.raises(RuntimeError, match="M > 1024"):
+    assert launcher.limit_reason(50, 4096, True, cpu, m=64) is None
+    reason = launcher.limit_reason(50, 4096, True, cpu, m=128)
+    assert reason is not None and "M > 64" in reason and "M=128" in reason
+    assert dk.available_backends("cpu", "32:64")["triton"] is True
+    assert "M > 64" in dk.available_backends("cpu", "1:128")["triton"]
+    weight, stats = make_layer(2, 128, torch.float32, seed=0)
+    problem, _ = build_problem(weight, stats, dk.RefineConfig(pattern="1:128"))
+    with pytest.raises(RuntimeError, match="M > 64"):
         choose_backend("triton", cpu, True, problem)
+    assert choose_backend("auto", cpu, True, problem) != "triton"
 
 
 def test_too_many_cycles_for_triton(monkeypatch):

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from ..backends import triton_group_reason
 from ..problem import RefineOutput, RefineProblem
 from . import launch_tuning
 from .launch_tuning import pow2
@@ -26,7 +27,6 @@ from .refine_select_stream import select_stream_kernel
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_CAP = 128          # keys kept per queue before the bitonic sort (>= the queue depth)
 MAX_CAP = 32768            # per-queue counts share one int64 scan in 16-bit fields
-MAX_GROUP = 1024           # M of N:M: the cycles kernel's [rows, M, M] rank tile stays within 2^20 elements
 JOINT_MAX_COLS = 65535     # the joint queue search counts whole rows in 16-bit fields
 # register cap of the streamed kernel's multi-warp unstructured launch: uncapped, ptxas gives it
 # ~224 registers at 4 warps (sm_90, AOT), i.e. two programs per SM; at 128 four fit (as for N:M,
@@ -69,11 +69,10 @@ def limit_reason(cycles: int, cols: int, nm: bool, device: torch.device,
     groups of ``m``) on ``device``, else why not. The ``[NQ, CAP]`` int64 sort of the queue
     heads is staged in shared memory (``NQ * CAP * 8`` bytes per program, measured in the sm_90
     cubins), so very large ``max_cycle_time`` outgrows a GPU's per-block shared memory (227 KB
-    on H100/H200, 163 KB on A100, 99 KB on most consumer GPUs). The cycles kernel ranks a
-    group's members pairwise in a ``[rows, M, M]`` tile, which Triton caps at 2^20 elements."""
-    if nm and m > MAX_GROUP:
-        return (f"N:M patterns with M > {MAX_GROUP} are not supported by the triton backend "
-                f"(got M={m}; its kernels rank a group's members pairwise)")
+    on H100/H200, 163 KB on A100, 99 KB on most consumer GPUs). N:M groups wider than
+    ``backends.TRITON_MAX_GROUP`` are refused too."""
+    if nm and triton_group_reason(m):
+        return triton_group_reason(m)
     nq = 2 if nm else 4
     qcap = queue_cap(cycles, cols, cap)
     if qcap > MAX_CAP:
@@ -274,8 +273,9 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
 
     error_before = torch.empty(rows, dtype=torch.float32, device=device)
     error_after = torch.empty(rows, dtype=torch.float32, device=device)
-    # swap history slots: a row swaps at most once per cycle and once per grow-queue entry
-    hpad = pow2(min(cycles, 2 * tpad)) if nm else 1
+    # swap history slots: each accepted swap regrows a different initially pruned column, so a
+    # row swaps at most min(T, its pruned columns) <= min(T, in) = depth <= tpad times
+    hpad = tpad if nm else 1
     # rows per program: 128 lanes, fewer when the N:M history/rank tiles get wide
     budget = max(1, min(128, 4096 // (hpad * (mpad * mpad if nm else 1))))
     block_r = min(1 << (budget.bit_length() - 1), pow2(rows))
