@@ -15,20 +15,24 @@
 #                                            #   ($BENCH: shapes, set (-> llama7b_set/) or both);
 #                                            #   its match column is the parity check at LLaMA sizes
 #   bash benchmarks/gpu_session.sh test      # pytest -m gpu tests ($TESTS: quick = all but the
-#                                            #   LLaMA-size parity cases, llama = only those, all)
+#                                            #   long ones (LLaMA-size parity, deepest queue),
+#                                            #   llama = only those, all)
 #   bash benchmarks/gpu_session.sh profile   # profile_refine for $SHAPES (default 4096x4096);
 #                                            #   SWEEP=1 adds the launch-knob sweep (minutes of compiles)
 #   bash benchmarks/gpu_session.sh ncu       # Nsight Compute counters of each select/cycles kernel
 #                                            #   (row kernel one per row and seeded, streamed 4
 #                                            #   warps, warp per row: profile_refine.NCU_LAUNCHES)
 #
-# Logs and result files go to $OUT/gpu_session/ (the device tool's output folder; /tmp without
-# it), with steps.tsv (step, exit code, seconds; 124 = stopped at its deadline). Copy
-# bench_refine.{csv,json} from there to benchmarks/results/<GPU name>/ and commit them.
+# Results go to $OUT/gpu_session/ (the device tool's output folder; /tmp without it): every
+# step's output in ONE log, session.log (the device tool returns at most 8 files from $OUT),
+# steps.tsv (step, exit code, seconds; 124 = stopped at its deadline), bench_refine.{csv,json}
+# and llama7b_set/bench_refine.json. Copy the bench files to benchmarks/results/<GPU name>/
+# and commit them.
 # bench_refine rewrites its results after every measurement, so a bench stopped at its deadline
 # still returns what it measured ("complete": false in the JSON).
-# Uses the machine's own torch/triton (no venv): the GPU machine has no network.
-# DRY_RUN=1 prints each step's command and deadline instead of running it (`all`: into
+# Uses the machine's own python3 with its torch/triton (no venv): the GPU machine has no network.
+# DRY_RUN=1 prints each step's command and deadline instead of running it, as if every step
+# ran to its deadline (the worst case: the steps it would then skip say so) (`all`: into
 # steps-dry-run.tsv, so a real run's steps.tsv is left alone; one step: prints its name and
 # runs nothing).
 set -euo pipefail
@@ -37,6 +41,18 @@ step="${1:?usage: gpu_session.sh all|build|bench|test|profile|ncu}"
 dest="${OUT:-/tmp}/gpu_session"
 mkdir -p "$dest"
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+# the device machine promises python3 (the one with torch); `python` may not exist there
+PY="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
+log="$dest/session.log"
+# logged NAME: a header in the one log, then the step's output appended to it (tee -i: a
+# deadline's SIGINT leaves tee running, so the end of the output still reaches the log)
+logged() { printf '\n===== %s (%s UTC)\n' "$1" "$(date -u +%H:%M:%S)" >> "$log"; tee -i -a "$log"; }
+# GPU-marked test files, most telling first (a step stopped at its deadline has run these):
+# the tuning, value checks and Triton parity, then the other backends, the driver, and last
+# the CMake + nvcc build of the C++ core (minutes of compiles)
+TEST_FILES=(tests/test_launch_tuning.py tests/test_value_checks.py tests/test_triton_parity.py
+            tests/test_torch_backend.py tests/test_stats.py tests/test_ext.py tests/test_api.py
+            tests/test_driver.py tests/test_ext_build.py)
 # extra triton rows of the bench (full refine time, LLaMA-7B set included): the streamed kernel
 # pinned, beside auto (which picks among its candidates on the first call). The other launches
 # in question (row kernel one per row or persistent, streamed at 8 or 4
@@ -63,6 +79,7 @@ run_step() {
   fi
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '%s\tdry-run\t%d\t%s %s\n' "$label" "$limit" "$sub" "$*" | tee -a "$steps_file"
+    started=$(( started - limit ))       # the worst case: every step runs to its deadline
     return 0
   fi
   local t0=$SECONDS rc=0
@@ -72,9 +89,12 @@ run_step() {
   printf '%s\t%d\t%d\n' "$label" "$rc" $(( SECONDS - t0 )) | tee -a "$steps_file"
 }
 
+# the long GPU tests: parity at LLaMA sizes (the bench's match column checks it first) and the
+# deepest queue that fits (kernels sorting 4096-8192 keys: ~1 min of compiles, AOT on a CPU)
+long_tests="test_gpu_llama_sizes or test_gpu_deepest_queue_that_fits"
 case "${TESTS:-all}" in
-  quick) test_args=(-k "not test_gpu_llama_sizes") ;;
-  llama) test_args=(-k test_gpu_llama_sizes) ;;
+  quick) test_args=(-k "not ($long_tests)") ;;
+  llama) test_args=(-k "$long_tests") ;;
   all)   test_args=() ;;
   *) echo "TESTS must be quick, llama or all, got '${TESTS}'" >&2; exit 2 ;;
 esac
@@ -100,18 +120,35 @@ case "$step" in
     run_step test_llama 600 test TESTS=llama
     echo "gpu_session all: $(( SECONDS - started )) s of ${BUDGET_S} s; logs and $(basename "$steps_file") in $dest"
     cat "$steps_file"
-    [[ "${DRY_RUN:-0}" == 1 ]] || python -c 'import sys; sys.path.insert(0, "benchmarks")
+    [[ "${DRY_RUN:-0}" == 1 ]] || "$PY" -c 'import sys; sys.path.insert(0, "benchmarks")
 from bench_common import print_summary; print_summary(sys.argv[1:])' \
       "$dest/bench_refine.json" "$dest/llama7b_set/bench_refine.json"
     ;;
   build)
     {
-      # the toolkit root, not the nvcc wrapper's prefix (ENV.md)
-      CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
-      export CUDA_HOME TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-      DSNOT_BUILD_EXT=1 DSNOT_BUILD_CUDA=1 python -m pip install --no-build-isolation --no-deps -q -e .
-      python -c "import torch, dsnot_kernels.ext as e; print('ext CUDA path:', e.has_cuda(), torch.cuda.get_device_name())"
-    } 2>&1 | tee -i "$dest/build.log"
+      # the toolkit root: the first candidate with include/cuda_runtime.h. The nvcc on PATH may
+      # be a wrapper script (ENV.md: `exec /usr/local/cuda-13.0/bin/nvcc "$@"`), whose own
+      # prefix is not the root, so its exec target is asked too
+      nvcc_path="$(command -v nvcc || true)"
+      home=""
+      for cand in "${CUDA_HOME:-}" \
+          "$([[ -n "$nvcc_path" ]] && dirname "$(dirname "$(readlink -f "$nvcc_path")")")" \
+          "$([[ -n "$nvcc_path" ]] && grep -aoE '/[^ "]*/bin/nvcc' "$nvcc_path" | head -n 1 | xargs -r dirname | xargs -r dirname)" \
+          /usr/local/cuda /usr/local/cuda-*; do
+        if [[ -n "$cand" && -f "$cand/include/cuda_runtime.h" ]]; then home="$cand"; break; fi
+      done
+      cuda_mode=1
+      if [[ -n "$home" ]]; then
+        export CUDA_HOME="$home"
+      else
+        echo "no CUDA toolkit root found (nvcc: ${nvcc_path:-none}): building the C++ CPU path only"
+        cuda_mode=0
+      fi
+      echo "CUDA_HOME=${CUDA_HOME:-unset}"
+      export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+      DSNOT_BUILD_EXT=1 DSNOT_BUILD_CUDA=$cuda_mode "$PY" -m pip install --no-build-isolation --no-deps -q -e .
+      "$PY" -c "import torch, dsnot_kernels.ext as e; print('ext CUDA path:', e.has_cuda(), torch.cuda.get_device_name())"
+    } 2>&1 | logged build
     ;;
   bench)
     extra=()
@@ -122,17 +159,17 @@ from bench_common import print_summary; print_summary(sys.argv[1:])' \
       both)   out="$dest"; extra+=(--llama7b-set) ;;
       *) echo "BENCH must be shapes, set or both, got '${BENCH}'" >&2; exit 2 ;;
     esac
-    python benchmarks/bench_refine.py --device cuda --out "$out" "${extra[@]}" 2>&1 \
-      | tee -i "$dest/bench_refine-${BENCH:-both}.log"
+    "$PY" benchmarks/bench_refine.py --device cuda --out "$out" "${extra[@]}" 2>&1 \
+      | logged "bench_refine ${BENCH:-both}"
     ;;
   test)
-    python -m pytest -q -m gpu tests "${test_args[@]}" 2>&1 | tee -i "$dest/test_gpu-${TESTS:-all}.log"
+    "$PY" -m pytest -q -m gpu "${TEST_FILES[@]}" "${test_args[@]}" 2>&1 | logged "test ${TESTS:-all}"
     ;;
   profile)
     extra=()
     [[ "${SWEEP:-0}" != 1 ]] || extra=(--sweep)
-    python benchmarks/profile_refine.py --shapes "${SHAPES:-4096x4096}" "${extra[@]}" 2>&1 \
-      | tee -i "$dest/profile_refine.log"
+    "$PY" benchmarks/profile_refine.py --shapes "${SHAPES:-4096x4096}" "${extra[@]}" 2>&1 \
+      | logged profile_refine
     ;;
   ncu)
     # Nsight Compute: counters of each select/cycles kernel of one refine per launch variant
@@ -140,13 +177,13 @@ from bench_common import print_summary; print_summary(sys.argv[1:])' \
     # card's clocks alone)
     NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1 || true)"
     if [[ -z "$NCU" ]]; then
-      echo "ncu: not found on this machine" | tee -i "$dest/ncu.log"
+      echo "ncu: not found on this machine" | logged ncu
       exit 3
     fi
     "$NCU" --clock-control none --target-processes all -k regex:'select|cycles' \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
       --section LaunchStats --section WarpStateStats --section SchedulerStats \
-      python benchmarks/profile_refine.py --ncu --shapes "${SHAPES:-4096x4096}" 2>&1 | tee -i "$dest/ncu.log"
+      "$PY" benchmarks/profile_refine.py --ncu --shapes "${SHAPES:-4096x4096}" 2>&1 | logged ncu
     ;;
   *)
     echo "unknown step '$step': use all, build, bench, test, profile or ncu" >&2

@@ -122,6 +122,23 @@ def test_knobs_or_switch_turn_tuning_off(fake_clock, monkeypatch):
     assert not launch_tuning.enabled(torch.device("cpu"))
 
 
+def test_deep_queues_take_the_default_launch_untuned(fake_clock, monkeypatch):
+    """Queues deeper than TUNE_MAX_DEPTH are not tuned (their candidates' sorts are slow to
+    compile): the call runs the default launch alone and records no tuning."""
+    monkeypatch.setattr(launch_tuning, "TUNE_MAX_DEPTH", 16)
+    w, stats = make_layer(5, 64, torch.float16, seed=0)
+    for cycles, tuned in ((16, True), (17, False)):
+        launch_tuning.reset()
+        fake_clock["runs"].clear()
+        cfg = dk.RefineConfig(sparsity=0.6, max_cycle_time=cycles, update_threshold=0.01)
+        problem = build_problem(w.to(DEVICE), stats.to(DEVICE), cfg)[0]
+        assert launch_tuning.applies(problem) == tuned
+        _, expected = reference_output(w, stats, cfg)
+        assert_same_output(expected, refine_triton(problem, cap=16), f"T={cycles}")
+        assert (len(launch_tuning.tuned_launches()) == 1) == tuned
+        assert (sum(fake_clock["runs"].values()) > 1) == tuned
+
+
 def test_differing_or_failing_launch_is_dropped(fake_clock, monkeypatch):
     problem = _problem(6, 64)
     real = refine_triton

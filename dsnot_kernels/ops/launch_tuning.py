@@ -16,7 +16,8 @@ first consistent candidate's output (the default launch's, unless it failed) bit
 One that differs is dropped with a ``RuntimeWarning`` (it would be a kernel bug on that
 GPU); one that raises (too little shared memory, registers or memory there) is dropped
 quietly, unless it left the CUDA context unusable: then the call raises. Both kinds are
-recorded in :func:`tuned_launches`. ``DSNOT_TRITON_TUNE=0`` turns the tuning off: ``auto``
+recorded in :func:`tuned_launches`. Queues deeper than ``TUNE_MAX_DEPTH`` (512) are not tuned
+(their candidates take long to compile). ``DSNOT_TRITON_TUNE=0`` turns the tuning off: ``auto``
 then takes the default launch (rows for unstructured rows of at most 4096 columns,
 streamed otherwise).
 """
@@ -32,6 +33,10 @@ from ..problem import RefineOutput, RefineProblem
 
 REPEATS = 3          # runs per candidate timed together, back to back, after one warm-up run
 ROWS_MAX_COLS = 16384  # widest row tile of the row kernel (it holds a row in registers)
+# Deepest queue (min(max_cycle_time, in)) that is tuned: the candidates' queue sorts grow with
+# it, and so do their compiles (AOT for sm_90 on a 2-core CPU, the one-warp streamed candidate:
+# 5 s at 512, 15 s at 1024, over 5 minutes at 4096); deeper queues take the default launch.
+TUNE_MAX_DEPTH = 512
 
 # refine_triton keyword arguments of each candidate, the default launches first.
 # Streamed at 4 programs per SM: the 4-warp launches take 128 registers (the unstructured one
@@ -60,8 +65,10 @@ def enabled(device: torch.device) -> bool:
 
 def applies(problem: RefineProblem) -> bool:
     """Whether ``refine_triton(problem)`` with its knobs at their defaults goes through
-    :func:`tuned_refine` (tuning on enabled for the device, a non-empty problem)."""
-    return enabled(problem.weight.device) and problem.weight.numel() > 0
+    :func:`tuned_refine` (tuning on enabled for the device, a non-empty problem, queues of at
+    most ``TUNE_MAX_DEPTH``)."""
+    depth = min(int(problem.cycles), problem.weight.shape[1])
+    return enabled(problem.weight.device) and problem.weight.numel() > 0 and depth <= TUNE_MAX_DEPTH
 
 
 def needs_tuning(problem: RefineProblem, cap: int) -> bool:
