@@ -107,6 +107,7 @@ fi
 case "$step" in
   all)
     : > "$steps_file"
+    [[ "${DRY_RUN:-0}" == 1 ]] || : > "$log"        # this run's log (single steps append to it)
     # caps: the build ~1-2 min; the per-shape bench (every backend and variant against the
     # reference: the parity check at LLaMA sizes) compiles each kernel variant once, and the
     # Triton cache then serves the LLaMA-7B set and the tests; the LLaMA-size test cases repeat
