@@ -25,20 +25,25 @@ LayerLike = Union[nn.Linear, torch.Tensor]
 # --------------------------------------------------------------------------------------------
 # input checks
 # --------------------------------------------------------------------------------------------
-def _weight_of(layer: LayerLike, name: str = "layer") -> torch.Tensor:
+def _layer_weight(layer: LayerLike, name: str = "layer", hint: str = "") -> torch.Tensor:
+    """The weight tensor of ``layer`` (an ``nn.Linear``, or a weight tensor itself), as stored."""
     if isinstance(layer, nn.Linear):
-        weight = layer.weight
-    elif isinstance(layer, nn.Module):
+        return layer.weight
+    if isinstance(layer, torch.Tensor):
+        return layer
+    if isinstance(layer, nn.Module):
         # other modules' 2-D weights need not be [out, in] (transformers' Conv1D stores [in, out],
         # an Embedding [vocab, dim]): refining one as if it were would be silently wrong
         raise TypeError(f"{name} must be an nn.Linear or a weight tensor [out, in], got a "
                         f"{type(layer).__name__} module: pass its weight as a tensor [out, in] "
-                        f"(e.g. a Conv1D's weight.T)")
-    elif isinstance(layer, torch.Tensor):
-        weight = layer
-    else:
-        raise TypeError(f"{name} must be an nn.Linear or a weight tensor [out, in], got {type(layer).__name__}")
-    weight = weight.detach()
+                        f"(e.g. a Conv1D's weight.T){hint}")
+    raise TypeError(f"{name} must be an nn.Linear or a weight tensor, got {type(layer).__name__} "
+                    f"(a weight tensor is [out, in])")
+
+
+def _weight_of(layer: LayerLike, name: str = "layer") -> torch.Tensor:
+    """``layer``'s weight ``[out, in]``, checked (shape, device, dtype), detached, contiguous."""
+    weight = _layer_weight(layer, name).detach()
     if weight.dim() != 2:
         raise ValueError(f"{name} weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     if weight.shape[1] == 0:
@@ -381,13 +386,7 @@ def apply_mask_(layer: LayerLike, mask: Union[torch.Tensor, RefineResult]) -> No
     ``mask`` is a bool ``[out, in]`` tensor (True = pruned) or a :class:`RefineResult`; a result
     that carries ``updated_weight`` (SparseGPT) first writes those weights into the layer.
     """
-    if isinstance(layer, nn.Module) and not isinstance(layer, nn.Linear):
-        raise TypeError(f"layer must be an nn.Linear or a weight tensor [out, in], got a "
-                        f"{type(layer).__name__} module: pass its weight as a tensor [out, in] "
-                        f"(e.g. a Conv1D's weight.T) and the mask of that shape")
-    weight = layer.weight if isinstance(layer, nn.Linear) else layer
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"layer must be an nn.Linear or a weight tensor, got {type(layer).__name__}")
+    weight = _layer_weight(layer, hint=" and the mask of that shape")
     updated = None
     if isinstance(mask, RefineResult):
         mask, updated = mask.pruned_mask, mask.updated_weight

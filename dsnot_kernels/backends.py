@@ -96,8 +96,8 @@ def available_backends(device: Union[torch.device, str] = "cpu",
     """Backend name -> ``True``, or the reason it cannot run for ``pattern`` on ``device``."""
     m = parse_pattern(pattern)[1]
     found = {name: (unavailable_reason(name, device, m > 0) or True) for name in BACKENDS}
-    if found["triton"] is True and triton_group_reason(m):
-        found["triton"] = triton_group_reason(m)
+    if found["triton"] is True:
+        found["triton"] = triton_group_reason(m) or True
     return found
 
 

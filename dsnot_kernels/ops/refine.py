@@ -71,8 +71,8 @@ def limit_reason(cycles: int, cols: int, nm: bool, device: torch.device,
     cubins), so very large ``max_cycle_time`` outgrows a GPU's per-block shared memory (227 KB
     on H100/H200, 163 KB on A100, 99 KB on most consumer GPUs). N:M groups wider than
     ``backends.TRITON_MAX_GROUP`` are refused too."""
-    if nm and triton_group_reason(m):
-        return triton_group_reason(m)
+    if nm and (reason := triton_group_reason(m)):
+        return reason
     nq = 2 if nm else 4
     qcap = queue_cap(cycles, cols, cap)
     if qcap > MAX_CAP:
