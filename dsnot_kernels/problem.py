@@ -72,7 +72,9 @@ def column_factors(stats_sum: torch.Tensor, stats_sq: torch.Tensor, stats_var: t
     if pow_of_var == 0:
         var_pow = torch.ones_like(s)
     else:
-        var_pow = torch.pow(stats_var.to(torch.float32).clamp_min(TINY), float(pow_of_var)).contiguous()
+        var_pow = stats_var.to(torch.float32).clamp_min(TINY).contiguous()
+        if pow_of_var != 1:   # x^1 is x: the default p = 1 skips a kernel launch
+            var_pow = torch.pow(var_pow, float(pow_of_var))
     return s, sqrt_q, var_pow
 
 

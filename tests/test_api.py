@@ -581,3 +581,20 @@ def test_every_pruned_column_regrown_with_a_huge_max_cycle_time():
     assert expected.swaps.tolist() == [COLS // 2] * 4
     for backend in _backends("2:4"):
         assert_same_result(dk.refine(weight, stats, cfg, backend=backend), expected, backend)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 0.5, 2.0])
+@pytest.mark.parametrize("var_dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_column_factors_var_pow(p, var_dtype):
+    """``V^p`` is ``pow(max(V, tiny), p)`` bit for bit (p = 1 skips the pow: x^1 is x), all ones
+    for p = 0, and never aliases the caller's statistics."""
+    from dsnot_kernels.problem import TINY, column_factors
+    var = torch.tensor([0.0, TINY / 2, 1e-30, 0.3, 1.0, 7.5, 3e30], dtype=var_dtype)
+    s = torch.linspace(-1, 1, var.numel())
+    _, _, var_pow = column_factors(s, var.abs(), var, p)
+    expected = torch.pow(var.to(torch.float32).clamp_min(TINY), p) if p else torch.ones(var.numel())
+    assert var_pow.dtype == torch.float32 and var_pow.is_contiguous()
+    assert torch.equal(var_pow.view(torch.int32), expected.view(torch.int32))
+    before = var.clone()
+    var_pow.fill_(-1.0)
+    assert torch.equal(var, before)
