@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -32,13 +33,34 @@ def _import_error(module: str) -> Optional[str]:
     return None
 
 
+# The oldest Triton whose compiler builds every kernel of this backend. Checked 2026-12-01 by
+# compiling each kernel for sm_80/sm_90 and by interpreter parity with the reference (README,
+# "Triton versions"): 3.4 to 3.9 pass; 3.3 (torch 2.7's) cannot compile either select kernel;
+# the interpreters of 3.0 and 3.1 (torch 2.4, 2.5) already reject the kernels' tl.arange.
+TRITON_MIN_VERSION = (3, 4)
+
+
+def triton_version_reason(version: str) -> Optional[str]:
+    """Why Triton ``version`` (``triton.__version__``) cannot run the triton backend, or None
+    (also for a version string that does not start with ``major.minor``: let it try)."""
+    found = re.match(r"\s*(\d+)\.(\d+)", str(version))
+    if found is None or (int(found[1]), int(found[2])) >= TRITON_MIN_VERSION:
+        return None
+    need = ".".join(map(str, TRITON_MIN_VERSION))
+    return (f"triton {version} is older than {need}, the oldest whose compiler builds this "
+            f"backend's kernels (torch >= 2.8 installs one): upgrade torch/triton, or "
+            f"use backend='torch' (or 'ext')")
+
+
 def _triton_reason(device: torch.device, nm: bool) -> Optional[str]:
     if os.environ.get("DSNOT_DISABLE_TRITON") == "1":
         return "disabled by DSNOT_DISABLE_TRITON=1"
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # noqa: BLE001
         return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if (reason := triton_version_reason(getattr(triton, "__version__", ""))) is not None:
+        return reason
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "triton runs on CUDA tensors (on CPU only under TRITON_INTERPRET=1, a slow test mode)"
     if device.type not in ("cpu", "cuda"):

@@ -453,6 +453,34 @@ def test_disabled_backend_raises(layer, monkeypatch):
     assert dk.refine(weight, stats, backend="auto").backend == "torch"
 
 
+@pytest.mark.parametrize("version,refused", [("3.3.1", True), ("3.0.0", True), ("2.3.1", True),
+                                              ("3.3.0rc1", True), ("3.4.0", False), ("3.6.0", False),
+                                              ("3.10.0", False), ("3.5.0+git9a1b2c", False),
+                                              ("4.0.0", False), ("", False), ("unknown", False)])
+def test_triton_version_reason(version, refused):
+    from dsnot_kernels.backends import triton_version_reason
+    reason = triton_version_reason(version)
+    assert (reason is not None) == refused, reason
+    if refused:
+        assert f"triton {version} is older than 3.4" in reason and "backend='torch'" in reason
+
+
+def test_old_triton_is_refused_with_its_version(layer, monkeypatch):
+    """A Triton older than the kernels compile with (torch 2.4-2.7 ship 3.0-3.3) is never
+    picked: explicit ``backend="triton"`` says so (``StatsAccumulator`` on CUDA asks the same
+    ``unavailable_reason``)."""
+    triton = pytest.importorskip("triton")
+    weight, stats = layer
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dk.available_backends("cpu", "unstructured")["triton"] is True
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    reason = dk.available_backends("cpu", "unstructured")["triton"]
+    assert isinstance(reason, str) and "triton 3.3.1 is older than 3.4" in reason
+    with pytest.raises(RuntimeError, match="triton 3.3.1 is older than 3.4"):
+        dk.refine(weight, stats, backend="triton")
+    assert dk.refine(weight, stats, backend="auto").backend != "triton"
+
+
 def test_ext_on_cpu_covers_unstructured_or_says_why(layer):
     """The C++ path handles unstructured too; without the extension the reason is reported."""
     weight, stats = layer
