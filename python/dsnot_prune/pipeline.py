@@ -551,17 +551,16 @@ def load(args: PruneArgs) -> Tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def check_model(model: nn.Module, args: PruneArgs) -> Tuple[str, nn.ModuleList]:
+def check_model(model: nn.Module, args: PruneArgs) -> None:
     """The checks of ``args`` that need the model, made before any pruning: the pattern's M
     divides every sublayer's in_features, every ``--skip`` name matches a sublayer, ``--seqlen``
-    fits the model's positions. Returns ``(layers_name, decoder layers)``; raises DriverError."""
+    fits the model's positions. Raises DriverError."""
     layers_name, layers = find_decoder_layers(model)
     check_pattern(layers, layers_name, args.refine_config())
     check_skip(layers, layers_name, parse_skip(args.skip_policy()))
     max_len = getattr(model.config, "max_position_embeddings", None)
     if isinstance(max_len, int) and args.seqlen > max_len:
         raise DriverError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings={max_len}")
-    return layers_name, layers
 
 
 def _run(args: PruneArgs, model: Optional[nn.Module], tokenizer) -> Dict[str, Any]:
