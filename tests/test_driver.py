@@ -58,6 +58,10 @@ def _config(kind: str):
     if kind == "phi3":   # fused qkv_proj and gate_up_proj
         return transformers.Phi3ForCausalLM, transformers.Phi3Config(
             **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2, pad_token_id=0)
+    if kind == "mixtral":   # MoE: transformers 5 stacks the experts in [experts, out, in] parameters
+        return transformers.MixtralForCausalLM, transformers.MixtralConfig(
+            **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2,
+            num_local_experts=4, num_experts_per_tok=2)
     if kind == "gpt_neox":
         return transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig(
             **common, intermediate_size=128, num_hidden_layers=2)
@@ -299,6 +303,7 @@ def test_dsnot_swaps_and_lowers_error(text_file, tokenizer):
     """Unstructured Wanda + DSnoT with every sublayer refined: swaps happen, |e| goes down."""
     report = run(_args(text_file, skip="none"), model=make_model("llama"), tokenizer=tokenizer)
     assert report["unrefined_sublayers"] == []
+    assert report["left_dense"] == [] and report["pruned_share_of_decoder_weights"] == 1.0
     refined = [e for e in report["sublayers"] if e["refined"]]
     assert len(refined) == len(report["sublayers"])
     assert sum(e["mean_swaps"] for e in refined) > 0
@@ -311,6 +316,80 @@ def test_dsnot_swaps_and_lowers_error(text_file, tokenizer):
     before = sum(e["mean_abs_error_before"] for e in refined)
     after = sum(e["mean_abs_error_after"] for e in refined)
     assert after < before
+
+
+def _decoder_matrices(model) -> dict:
+    _, layers = find_decoder_layers(model)
+    return {f"{i}.{name}": p.detach().clone() for i, layer in enumerate(layers)
+            for name, p in layer.named_parameters() if p.dim() >= 2}
+
+
+def test_weights_left_dense_are_reported(text_file, tokenizer, capsys):
+    """A MoE model (experts stacked in one parameter in transformers 5, routed nn.Linear experts
+    in 4.x) and a linear its layer never calls: every weight matrix of the decoder layers is in
+    exactly one report entry, those left dense keep their values and say why, and the report
+    and its summary give the pruned linears' share instead of implying the whole model."""
+    from dsnot_prune.pipeline import summary
+    model = make_model("mixtral")
+    model.model.layers[0].add_module("unused", torch.nn.Linear(64, 32))     # never called
+    before = _decoder_matrices(model)
+    report = run(_args(text_file, skip="none", quiet=False), model=model, tokenizer=tokenizer)
+    if transformers.__version__.split(".")[0] != "4":   # 5.x: stacked experts, warned before pruning
+        log = capsys.readouterr().err
+        assert "warning: " in log and "mlp.experts.gate_up_proj" in log and "stay dense" in log, log
+
+    entries = report["sublayers"]
+    dense = [e for e in entries if not e.get("pruned", True)]
+    assert sum(math.prod(e["shape"]) for e in entries) == sum(t.numel() for t in before.values())
+    assert all(e["reason"] and e["refined"] is False for e in dense)
+    assert "unused" in report["left_dense"]
+    assert any("expert" in name for name in report["left_dense"])
+    unused = [e for e in dense if e["sublayer"] == "unused"]
+    assert len(unused) == 1 and "no input reached it" in unused[0]["reason"]
+    after = _decoder_matrices(model)
+    layer_of = {e["name"]: e for e in dense}
+    for key, value in before.items():
+        i, name = key.split(".", 1)
+        module = name[:-len(".weight")] if name.endswith(".weight") else name
+        entry = layer_of.get(f"model.layers.{i}.{module}") or layer_of.get(f"model.layers.{i}.{name}")
+        if entry is not None:
+            assert torch.equal(after[key], value), key           # left dense: untouched
+    pruned = sum(math.prod(e["shape"]) for e in entries if e.get("pruned", True))
+    share = report["pruned_share_of_decoder_weights"]
+    assert share == pytest.approx(pruned / sum(t.numel() for t in before.values())) and 0 < share < 1
+    assert report["sparsity"] == pytest.approx(0.5, abs=0.01)    # over the pruned linears only
+    assert f"{share:.1%} of the decoder layers' weights" in summary(report)
+    assert "left dense: " in summary(report)
+
+
+class _SecondCallOnly(torch.nn.Module):
+    """``inner``, plus an ``extra`` linear whose output is added (times 0) on the second call only."""
+
+    def __init__(self, inner: torch.nn.Linear):
+        super().__init__()
+        self.inner, self.extra, self.calls = inner, torch.nn.Linear(inner.in_features, inner.out_features), 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.inner(x)
+        return out + 0 * self.extra(x) if self.calls == 2 else out
+
+
+def test_linear_missing_from_the_first_batch_stays_dense(text_file, tokenizer):
+    """A linear first called in the second calibration batch: left dense with its reason (its
+    statistics would lack the first batch), not a crash."""
+    model = make_model("llama")
+    layer = model.model.layers[1]
+    layer.mlp.down_proj = _SecondCallOnly(layer.mlp.down_proj)
+    extra = layer.mlp.down_proj.extra.weight.detach().clone()
+    report = run(_args(text_file, nsamples=8, batch_size=4, eval=False), model=model, tokenizer=tokenizer)
+    entry = [e for e in report["sublayers"] if e["name"] == "model.layers.1.mlp.down_proj.extra"]
+    assert len(entry) == 1 and entry[0]["pruned"] is False
+    assert entry[0]["reason"] == "called in some calibration batches but not the first"
+    assert torch.equal(layer.mlp.down_proj.extra.weight, extra)
+    assert report["left_dense"] == ["mlp.down_proj.extra"]
+    inner = [e for e in report["sublayers"] if e["name"] == "model.layers.1.mlp.down_proj.inner"]
+    assert inner[0]["sparsity"] == pytest.approx(0.5)
 
 
 def test_no_refine_is_the_initial_mask(text_file, tokenizer):

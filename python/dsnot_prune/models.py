@@ -253,6 +253,27 @@ def find_linears(layer: nn.Module) -> Dict[str, nn.Linear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
+def non_linear_weights(layer: nn.Module) -> Dict[str, Tuple[List[int], str]]:
+    """The weight matrices of one decoder layer that are not an ``nn.Linear``'s weight (so the
+    driver leaves them dense), by name inside the layer: ``{name: (shape, why)}``.
+
+    Why: recent transformers store a MoE layer's experts as one stacked ``[experts, out, in]``
+    parameter (``mlp.experts.gate_up_proj``) and its router as a bare parameter; such weights
+    can hold most of a model, and a report that counts only the linears must say so.
+    Parameters of fewer than 2 dimensions (norms, biases) are not weight matrices.
+    """
+    found = {}
+    for module_name, module in layer.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.dim() < 2 or (isinstance(module, nn.Linear) and param_name == "weight"):
+                continue
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            what = "stacked MoE experts" if "expert" in name.lower() else f"a {param.dim()}-D parameter"
+            found[name] = (list(param.shape), f"{what} of {type(module).__name__}, not an nn.Linear weight "
+                                              f"(the driver prunes nn.Linear sublayers only)")
+    return found
+
+
 def sublayer_kind(name: str) -> str:
     """``"mlp"``, ``"attn"`` or ``"other"`` from the sublayer's name (``self_attn.q_proj``...)."""
     parts = name.lower().split(".")

@@ -39,8 +39,8 @@ import dsnot_kernels as dk
 
 from . import data as data_mod
 from .layerwise import Captured, capture, perplexity, run_layer, sync
-from .models import (DriverError, find_decoder_layers, find_linears, is_skipped, load_model, parse_skip,
-                     resolve_dtype, sublayer_kind, timed)
+from .models import (DriverError, find_decoder_layers, find_linears, is_skipped, load_model,
+                     non_linear_weights, parse_skip, resolve_dtype, sublayer_kind, timed)
 
 # The default DSnoT settings of dsnot-prune (--preset). "robust" because, measured on the packaged
 # SmolLM2 (README, "DSnoT that helps"), it improves on the initial Wanda mask at every sparsity,
@@ -244,9 +244,14 @@ class _StatsHooks:
             elif x.dim() == 3 and tuple(x.shape[:2]) == (b, s):
                 xs = x
             else:   # e.g. routed MoE experts: not one row per token of each sequence
-                self.unsupported[name] = f"input of shape {tuple(x.shape)} is not [batch, seq, in]"
+                self.unsupported[name] = (f"input of shape {tuple(x.shape)} is not one row per token "
+                                          f"([batch, seq, in]): a routed MoE expert sees only its tokens")
                 return None
-            if self.first_batch and name not in self.group_of:
+            if not self.first_batch and name not in self.group_of:
+                # its input's sharing (and its statistics) would miss the first batch
+                self.unsupported[name] = "called in some calibration batches but not the first"
+                return None
+            if name not in self.group_of:
                 for gi, g in enumerate(self.groups):
                     if g["current"] is x:
                         self.group_of[name] = gi
@@ -288,6 +293,13 @@ def _output_error(dense: torch.Tensor, res: dk.RefineResult, stats: dk.LayerStat
 
 def _row_mean(t: torch.Tensor) -> float:
     return float(t.double().abs().mean()) if t.numel() else 0.0
+
+
+def _dense_entry(prefix: str, index: int, name: str, shape: List[int], reason: str) -> dict:
+    """The report entry of a weight of layer ``index`` that the driver left dense."""
+    return {"name": f"{prefix}.{index}.{name}", "layer": index, "sublayer": name,
+            "kind": sublayer_kind(name), "shape": shape, "pruned": False, "refined": False,
+            "reason": reason}
 
 
 @torch.no_grad()
@@ -359,11 +371,16 @@ def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: d
                     "mean_abs_error_after": _row_mean(res.error_after),
                     "seconds": (spent_init + spent_refine) * share,
                 })
-    for name in hooks.unsupported:
-        entries.append({"name": f"{prefix}.{index}.{name}", "layer": index, "sublayer": name,
-                        "kind": sublayer_kind(name),
-                        "shape": [linears[name].out_features, linears[name].in_features],
-                        "pruned": False, "reason": hooks.unsupported[name]})
+    # what stays dense, each with its reason: linears whose input is not one row per token,
+    # linears the calibration pass never reached, and weights that are no nn.Linear at all
+    unseen = {name: "no input reached it in the calibration pass (not called, or its input "
+                    "passed by keyword)" for name in linears
+              if name not in hooks.group_of and name not in hooks.unsupported}
+    for name, reason in {**hooks.unsupported, **unseen}.items():
+        entries.append(_dense_entry(prefix, index, name, [linears[name].out_features,
+                                                          linears[name].in_features], reason))
+    for name, (shape, reason) in non_linear_weights(layer).items():
+        entries.append(_dense_entry(prefix, index, name, shape, reason))
 
     clock = timed()
     for b in range(len(cap.hidden)):
@@ -427,6 +444,13 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     skip = parse_skip(args.skip_policy())
     for stage in STAGES:
         timings.setdefault(stage, 0.0)
+    matrix_total = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
+    not_linear = {name for layer in layers for name in non_linear_weights(layer)}
+    if not_linear:
+        dense = sum(e.numel() for layer in layers for name, e in layer.named_parameters() if name in not_linear)
+        _log(args)(f"warning: {', '.join(sorted(not_linear))} ({dense / matrix_total:.1%} of the decoder "
+                   f"layers' weights) are not nn.Linear sublayers and stay dense; the sparsity applies "
+                   f"to the nn.Linear sublayers only")
 
     clock = timed()
     cap = capture(model, layers, list(torch.split(samples, args.batch_size)), device)
@@ -446,11 +470,18 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     pruned = [e for e in entries if e.get("pruned", True)]
     total = sum(e["shape"][0] * e["shape"][1] for e in pruned)
     zeros = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for e in pruned)
+    # (expert indices as "*": a MoE layer has up to hundreds of experts)
+    left_dense = sorted({".".join("*" if part.isdigit() else part for part in e["sublayer"].split("."))
+                         for e in entries if not e.get("pruned", True)})
     refined = sorted({e["sublayer"] for e in pruned if e["refined"]})
     skipped = sorted({e["sublayer"] for e in pruned if not e["refined"]})
     return {
         "layers": layers_name, "num_layers": len(layers),
         "sparsity": zeros / total if total else 0.0,
+        # the pruned linears' share of the decoder layers' weight matrices (1.0 unless some
+        # stay dense: see left_dense and the sublayer entries' "reason")
+        "pruned_share_of_decoder_weights": total / matrix_total if matrix_total else 0.0,
+        "left_dense": left_dense,
         "calibration_tokens": list(samples.shape),
         "refined_sublayers": refined, "unrefined_sublayers": skipped,
         "mean_swaps_refined": (sum(e["mean_swaps"] * e["shape"][0] for e in pruned if e["refined"]) /
@@ -672,6 +703,10 @@ def summary(report: Dict[str, Any]) -> str:
              f"{what}, {cfg['pattern']}"
              + (f" {cfg['sparsity']:.0%}" if cfg["pattern"] == "unstructured" else "")
              + f" -> sparsity {report['sparsity']:.4f} over the decoder linears"]
+    if report.get("left_dense"):
+        share = report["pruned_share_of_decoder_weights"]
+        lines.append(f"left dense: {', '.join(report['left_dense'])} (the pruned linears hold {share:.1%} "
+                     f"of the decoder layers' weights; reasons in the report's sublayer entries)")
     if cfg["refine"]:
         lines.append(f"refined: {', '.join(report['refined_sublayers']) or 'none'}; "
                      f"kept initial mask: {', '.join(report['unrefined_sublayers']) or 'none'}; "
