@@ -392,6 +392,24 @@ def test_linear_missing_from_the_first_batch_stays_dense(text_file, tokenizer):
     assert inner[0]["sparsity"] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("case", ["int8", "meta"])
+def test_quantized_or_offloaded_weights_fail_before_pruning(case, text_file, tokenizer):
+    """A sublayer weight that is no float16/bfloat16/float32 values (a quantized model) or on the
+    meta device (offloaded): a DriverError naming it before any layer is pruned."""
+    model = make_model("llama")
+    up = model.model.layers[1].mlp.up_proj
+    shape = tuple(up.weight.shape)
+    up.weight = torch.nn.Parameter(torch.zeros(shape, dtype=torch.int8) if case == "int8"
+                                   else torch.empty(shape, device="meta"), requires_grad=False)
+    before = _decoder_matrices(model)
+    match = "int8 weight (a quantized model?)" if case == "int8" else "weight on the meta device"
+    with pytest.raises(DriverError) as err:
+        run(_args(text_file), model=model, tokenizer=tokenizer)
+    assert str(err.value).startswith("model.layers.1.mlp.up_proj has ") and match in str(err.value), err.value
+    after = _decoder_matrices(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items() if v.device.type != "meta")
+
+
 def test_no_refine_is_the_initial_mask(text_file, tokenizer):
     report = run(_args(text_file, refine=False), model=make_model("qwen2"), tokenizer=tokenizer)
     assert report["refined_sublayers"] == [] and report["config"]["refine"] is False

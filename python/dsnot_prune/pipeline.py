@@ -39,7 +39,7 @@ import dsnot_kernels as dk
 
 from . import data as data_mod
 from .layerwise import Captured, capture, perplexity, run_layer, sync
-from .models import (DriverError, find_decoder_layers, find_linears, is_skipped, load_model,
+from .models import (DTYPES, DriverError, find_decoder_layers, find_linears, is_skipped, load_model,
                      non_linear_weights, parse_skip, resolve_dtype, sublayer_kind, timed)
 
 # The default DSnoT settings of dsnot-prune (--preset). "robust" because, measured on the packaged
@@ -192,6 +192,21 @@ def check_pattern(layers: nn.ModuleList, layers_name: str, cfg: dk.RefineConfig)
             if lin.in_features % m:
                 raise DriverError(f"--pattern {cfg.pattern}: M={m} does not divide in_features={lin.in_features} "
                                   f"of {layers_name}.{i}.{name}; choose an M that divides every layer's width")
+
+
+def check_weights(layers: nn.ModuleList, layers_name: str) -> None:
+    """Every sublayer's weight holds float16/bfloat16/float32 values on a real device (checked
+    before pruning: a quantized or offloaded model would otherwise fail at its first layer)."""
+    for i, layer in enumerate(layers):
+        for name, lin in find_linears(layer).items():
+            weight = lin.weight
+            if weight.device.type == "meta":
+                raise DriverError(f"{layers_name}.{i}.{name} has its weight on the meta device (offloaded, "
+                                  f"e.g. by device_map='auto'): load the model whole on the CPU")
+            if weight.dtype not in set(DTYPES.values()):
+                raise DriverError(f"{layers_name}.{i}.{name} has a {str(weight.dtype).replace('torch.', '')} "
+                                  f"weight (a quantized model?): dsnot-prune prunes float32, float16 and "
+                                  f"bfloat16 weights; load the model unquantized")
 
 
 def check_skip(layers: nn.ModuleList, layers_name: str, skip: List[str]) -> None:
@@ -440,6 +455,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     (int64 ``[nsamples, seqlen]`` token ids). Returns the pruning part of the report;
     ``timings`` (stage -> seconds) is added to."""
     layers_name, layers = find_decoder_layers(model)
+    check_weights(layers, layers_name)
     check_pattern(layers, layers_name, cfg)
     skip = parse_skip(args.skip_policy())
     for stage in STAGES:
@@ -583,10 +599,12 @@ def load(args: PruneArgs) -> Tuple[nn.Module, Any]:
 
 
 def check_model(model: nn.Module, args: PruneArgs) -> None:
-    """The checks of ``args`` that need the model, made before any pruning: the pattern's M
+    """The checks of ``args`` that need the model, made before any pruning: every sublayer's
+    weight is float32/float16/bfloat16 and not on the meta device, the pattern's M
     divides every sublayer's in_features, every ``--skip`` name matches a sublayer, ``--seqlen``
     fits the model's positions. Raises DriverError."""
     layers_name, layers = find_decoder_layers(model)
+    check_weights(layers, layers_name)
     check_pattern(layers, layers_name, args.refine_config())
     check_skip(layers, layers_name, parse_skip(args.skip_policy()))
     max_len = getattr(model.config, "max_position_embeddings", None)
