@@ -62,6 +62,29 @@ def _config(kind: str):
         return transformers.MixtralForCausalLM, transformers.MixtralConfig(
             **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2,
             num_local_experts=4, num_experts_per_tok=2)
+    if kind == "gemma3n":   # AltUp: layers pass [4, batch, seq, hidden]; a router linear called twice
+        return transformers.Gemma3nForCausalLM, transformers.Gemma3nTextConfig(
+            **common, vocab_size_per_layer_input=VOCAB, intermediate_size=128, num_hidden_layers=4,
+            num_key_value_heads=2, head_dim=16, hidden_size_per_layer_input=16, laurel_rank=8,
+            num_kv_shared_layers=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
+            activation_sparsity_pattern=[0.0] * 4, max_position_embeddings=512)
+    if kind == "bamba":     # mamba + attention; in transformers 5 the model unpacks (hidden, attn_weights)
+        return transformers.BambaForCausalLM, transformers.BambaConfig(
+            **common, intermediate_size=128, num_hidden_layers=3, num_key_value_heads=2, attn_layer_indices=[1],
+            mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1,
+            mamba_chunk_size=16, pad_token_id=0)
+    if kind == "mllama":    # Llama 3.2 Vision's text model: cross-attention layer 1 is skipped on text
+        from transformers.models.mllama.configuration_mllama import MllamaTextConfig   # not top-level in 4.x
+        return transformers.MllamaForCausalLM, MllamaTextConfig(
+            **common, intermediate_size=128, num_hidden_layers=4, num_key_value_heads=2, cross_attention_layers=[1],
+            max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            rope_scaling={"rope_type": "default"})                      # 4.x requires it
+    if kind == "deepseek_v3":   # MLA: kv_b_proj reads a [batch, 1, seq, rank] latent in transformers 5
+        return transformers.DeepseekV3ForCausalLM, transformers.DeepseekV3Config(
+            **common, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_key_value_heads=4,
+            n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=2,
+            kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, head_dim=8,
+            n_group=1, topk_group=1, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if kind == "gpt_neox":
         return transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig(
             **common, intermediate_size=128, num_hidden_layers=2)
@@ -138,7 +161,8 @@ def _logits(model, tokenizer, text_file):
 # --------------------------------------------------------------------------------------------
 # layer-wise execution equals the whole model
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "opt", "qwen3", "mistral", "gemma2", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "opt", "qwen3", "mistral", "gemma2", "phi3", "gpt_neox",
+                                  "gemma3n", "bamba", "mllama", "deepseek_v3"])
 def test_layerwise_forward_equals_model_forward(kind):
     """Capture + layer-by-layer propagation + the model's own head give the model's logits."""
     model = make_model(kind)
@@ -201,7 +225,7 @@ def test_layerwise_forward_reads_the_layers_attributes():
     got = head_logits_nll(model, model.layers, batches, cap, torch.device("cpu"))
     assert got == pytest.approx(sum(want, []), rel=1e-6, abs=1e-6)
     assert all(isinstance(layer, _TypedLayer) for layer in model.layers)   # put back afterwards
-    stubs = [_Injector(i, 2, lambda: None, False) for i in range(3)]
+    stubs = [_Injector(i, 2, lambda: None, cap) for i in range(3)]
     with _Swapped(model, model.layers, stubs, torch.device("cpu")):
         assert model.layers[1].attention_type == "sliding"
         # no layer weights in the module tree while swapped: moving the model leaves them
@@ -342,7 +366,7 @@ def test_weights_left_dense_are_reported(text_file, tokenizer, capsys):
     dense = [e for e in entries if not e.get("pruned", True)]
     assert sum(math.prod(e["shape"]) for e in entries) == sum(t.numel() for t in before.values())
     assert all(e["reason"] and e["refined"] is False for e in dense)
-    assert "unused" in report["left_dense"]
+    assert "unused (layer 0)" in report["left_dense"]       # one layer only: named
     assert any("expert" in name for name in report["left_dense"])
     unused = [e for e in dense if e["sublayer"] == "unused"]
     assert len(unused) == 1 and "no input reached it" in unused[0]["reason"]
@@ -360,6 +384,107 @@ def test_weights_left_dense_are_reported(text_file, tokenizer, capsys):
     assert report["sparsity"] == pytest.approx(0.5, abs=0.01)    # over the pruned linears only
     assert f"{share:.1%} of the decoder layers' weights" in summary(report)
     assert "left dense: " in summary(report)
+
+
+@pytest.mark.parametrize("kind,left_dense", [
+    ("gemma3n", ["altup.modality_router"]),          # called twice per layer, with different inputs
+    ("bamba", ["mamba.conv1d.weight (layers 0, 2)"]),
+    ("mllama", [f"{name} (layer 1)" for name in ("cross_attn.k_proj", "cross_attn.o_proj", "cross_attn.q_proj",
+                                                 "cross_attn.v_proj", "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj")]),
+    ("deepseek_v3", []),                               # kv_b_proj's [batch, 1, seq, rank] input is one row per token
+])
+def test_pipeline_on_unusual_layers(kind, left_dense, text_file, tokenizer):
+    """Layers that pass [4, batch, seq, hidden] (Gemma 3n), return a tuple the model unpacks
+    (Bamba), are skipped on text (Mllama), or feed a linear a 4-D input (DeepSeek's MLA): every
+    weight matrix in one report entry, what stays dense named, and the perplexity the run
+    reports equals the whole model's on the same windows."""
+    model = make_model(kind)
+    before = _decoder_matrices(model)
+    report = run(_args(text_file, skip="none"), model=model, tokenizer=tokenizer)
+    assert report["left_dense"] == left_dense
+    assert sum(math.prod(e["shape"]) for e in report["sublayers"]) == sum(t.numel() for t in before.values())
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-9)
+    if kind == "mllama":    # the layer the model skips on text is left whole
+        assert all(torch.equal(v, _decoder_matrices(model)[k]) for k, v in before.items() if k.startswith("1."))
+    from dsnot_prune import data as data_mod
+    plan = data_mod.plan_text("news", text_file, text_file)
+    windows = data_mod.evaluation_windows(plan, tokenizer, 32, 4, lambda *a: None)
+    with torch.no_grad():
+        logits = model(input_ids=windows, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:],
+                                                reduction="none").mean(1).double().mean()
+    assert report["ppl"] == pytest.approx(float(nll.exp()), rel=1e-4)
+
+
+class _PairLayer(torch.nn.Module):
+    """Returns ``(hidden, extra)``: ``extra`` None, or (``carry``) a state the next layer reads."""
+
+    def __init__(self, carry: bool) -> None:
+        super().__init__()
+        self.proj, self.carry = torch.nn.Linear(8, 8), carry
+
+    def forward(self, hidden, state=None):
+        out = hidden + torch.tanh(self.proj(hidden)) * (1.0 if state is None else state)
+        return out, (out.mean() if self.carry else None)
+
+
+class _PairLM(torch.nn.Module):
+    """A model that unpacks its layers' outputs, ``hidden, extra = layer(hidden, extra)``."""
+
+    def __init__(self, carry: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(16, 8)
+        self.layers = torch.nn.ModuleList(_PairLayer(carry) for _ in range(3))
+        self.head = torch.nn.Linear(8, 16)
+
+    def forward(self, input_ids, use_cache=False):
+        hidden, extra = self.embed(input_ids), None
+        for layer in self.layers:
+            hidden, extra = layer(hidden, extra)
+        return SimpleNamespace(logits=self.head(hidden))
+
+
+def test_layers_whose_outputs_the_model_unpacks():
+    """Stand-ins return a real layer's tuple form when the model unpacks it (the layer-wise
+    logits equal the model's); a layer output the model passes on as state is refused."""
+    ids = torch.randint(0, 16, (4, 10), generator=torch.Generator().manual_seed(2))
+    batches = list(torch.split(ids, 2))
+    model = _PairLM(carry=False)
+    with torch.no_grad():
+        want = [torch.nn.functional.cross_entropy(model(b).logits[:, :-1].transpose(1, 2), b[:, 1:],
+                                                  reduction="none").mean(1).tolist() for b in batches]
+    cap = capture(model, model.layers, batches, torch.device("cpu"))
+    assert cap.tuple_len == 2
+    propagate(model.layers, cap, torch.device("cpu"))
+    got = head_logits_nll(model, model.layers, batches, cap, torch.device("cpu"))
+    assert got == pytest.approx(sum(want, []), rel=1e-6, abs=1e-6)
+    carrying = _PairLM(carry=True)
+    with pytest.raises(DriverError, match="passes one of them to the next layer"):
+        capture(carrying, carrying.layers, batches, torch.device("cpu"))
+
+
+def test_a_model_with_nothing_to_prune_is_an_error(text_file, tokenizer):
+    """Every linear left dense (here: each called twice per layer with different inputs):
+    a DriverError with the reason, not a run that reports sparsity 0."""
+    model = make_model("llama")
+    for layer in model.model.layers:
+        for name, lin in find_linears(layer).items():
+            parent = layer.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], _Twice(lin))
+    with pytest.raises(DriverError, match="no sublayer of model.layers could be pruned .*called with different inputs"):
+        run(_args(text_file), model=model, tokenizer=tokenizer)
+
+
+class _Twice(torch.nn.Module):
+    """``inner`` called twice per forward, on different inputs."""
+
+    def __init__(self, inner: torch.nn.Linear):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) + 0 * self.inner(x * 2)
 
 
 class _SecondCallOnly(torch.nn.Module):
@@ -387,7 +512,7 @@ def test_linear_missing_from_the_first_batch_stays_dense(text_file, tokenizer):
     assert len(entry) == 1 and entry[0]["pruned"] is False
     assert entry[0]["reason"] == "called in some calibration batches but not the first"
     assert torch.equal(layer.mlp.down_proj.extra.weight, extra)
-    assert report["left_dense"] == ["mlp.down_proj.extra"]
+    assert report["left_dense"] == ["mlp.down_proj.extra (layer 1)"]
     inner = [e for e in report["sublayers"] if e["name"] == "model.layers.1.mlp.down_proj.inner"]
     assert inner[0]["sparsity"] == pytest.approx(0.5)
 

@@ -8,20 +8,25 @@ larger than the device's memory still prunes and evaluates. Two tricks keep this
   run on the token batches. Each recorder stores the positional and keyword arguments its
   layer would have received (transformers 5 passes ``position_embeddings``, masks, ``position_ids``,
   ...; Gemma 2/3 pass different masks and rotary tables to sliding and global layers, so the
-  arguments are recorded *per layer*) and returns its input unchanged; the first recorder also
-  keeps the hidden states (the first layer's input). The last recorder stops the forward.
+  arguments are recorded *per layer*) and returns its input unchanged, in the form a real layer
+  returns its output (a tensor, or a tuple ``(hidden, None, ...)`` that the model may unpack:
+  learned by running the real first layer once); the first recorder also keeps the hidden
+  states (the first layer's input). The last recorder stops the forward. A layer the model
+  never calls (Mllama's cross-attention layers, on text) is passed over; a layer output the
+  model hands to the next layer (state) cannot be replayed from recorded arguments: refused.
 - **head**: to turn the last layer's output into logits, the layers are replaced by injectors
   that pass their input through, except the last, which returns the stored final hidden states;
   the model's own final norm, head and logit soft-capping then run unchanged.
 """
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from .models import DriverError
 
 
 class _Stop(Exception):
@@ -36,8 +41,30 @@ class Captured:
     """The first layer's inputs and every layer's call arguments, one entry per batch."""
 
     hidden: List[torch.Tensor]                         # per batch [b, seq, hidden], on the device
-    calls: List[List[Call]]                            # [layer][batch]
-    tuple_output: Optional[bool] = None                # does a real layer return a tuple?
+    calls: List[List[Call]]                            # [layer][batch]; [] for a layer the model skips
+    tokens: List[Tuple[int, int]] = field(default_factory=list)   # per batch (b, seq) of the token ids
+    # the length of the tuple a real layer returns (None: a tensor); stand-ins return the same
+    # form, (hidden, None, ...), as models may unpack it (``hidden, attn = layer(...)``)
+    tuple_len: Optional[int] = None
+
+    def skipped(self, index: int) -> bool:
+        """Whether the model never calls layer ``index`` (e.g. the cross-attention layers of a
+        vision-language model on text alone): the layer then passes its input through."""
+        return not self.calls[index]
+
+
+def as_layer_output(hidden: torch.Tensor, cap: Captured):
+    """``hidden`` in the form a real decoder layer returns its output."""
+    return hidden if cap.tuple_len is None else (hidden,) + (None,) * (cap.tuple_len - 1)
+
+
+class _Plan:
+    """What the recorders do on the current pass: the layer whose recorder stops the forward
+    (-1: the first one after layer 0), and the extra outputs layer 0's stand-in returns."""
+
+    def __init__(self) -> None:
+        self.stop_at = 0
+        self.extras: Optional[tuple] = None
 
 
 def _split_hidden(args: tuple, kwargs: dict):
@@ -65,9 +92,9 @@ class _Stub(nn.Module):
 
 
 class _Recorder(_Stub):
-    def __init__(self, index: int, last: int, sink: "Captured"):
+    def __init__(self, index: int, plan: _Plan, sink: "Captured"):
         super().__init__()
-        self.index, self.last, self.sink = index, last, sink
+        self.index, self.plan, self.sink = index, plan, sink
 
     def forward(self, *args, **kwargs):
         hidden, args = _split_hidden(args, kwargs)
@@ -78,20 +105,22 @@ class _Recorder(_Stub):
         self.sink.calls[self.index].append((args, kwargs))
         if self.index == 0:
             self.sink.hidden.append(hidden)
-        if self.index == self.last:
+        if self.index == self.plan.stop_at or (self.plan.stop_at == -1 and self.index > 0):
             raise _Stop
-        return hidden
+        if self.plan.extras is not None and self.index == 0:
+            return (hidden,) + self.plan.extras
+        return as_layer_output(hidden, self.sink)
 
 
 class _Injector(_Stub):
-    def __init__(self, index: int, last: int, final: Callable[[], torch.Tensor], as_tuple: bool):
+    def __init__(self, index: int, last: int, final: Callable[[], torch.Tensor], cap: Captured):
         super().__init__()
-        self.index, self.last, self.final, self.as_tuple = index, last, final, as_tuple
+        self.index, self.last, self.final, self.cap = index, last, final, cap
 
     def forward(self, *args, **kwargs):
         hidden, _ = _split_hidden(args, kwargs)
         out = self.final() if self.index == self.last else hidden
-        return (out,) if self.as_tuple else out
+        return as_layer_output(out, self.cap)
 
 
 class _Swapped:
@@ -122,34 +151,76 @@ def capture(model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Ten
     """Record the first layer's input and each layer's call arguments for every token batch."""
     n = len(layers)
     cap = Captured(hidden=[], calls=[[] for _ in range(n)])
-    stubs = [_Recorder(i, n - 1, cap) for i in range(n)]
+    plan = _Plan()
+    stubs = [_Recorder(i, plan, cap) for i in range(n)]
     with _Swapped(model, layers, stubs, device):
-        for b, ids in enumerate(batches):
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _Stop:
-                continue
-            except Exception as exc:  # noqa: BLE001
-                # The model choked on a recorder's pass-through output (a model whose layers
-                # return tuples): fall back to the first layer's arguments for every layer.
-                if len(cap.hidden) != b + 1:
-                    raise
-                warnings.warn(f"could not record per-layer arguments ({type(exc).__name__}: {exc}); "
-                              f"using the first layer's arguments for every layer")
-                for i in range(1, n):
-                    del cap.calls[i][b:]
-                    cap.calls[i].append(cap.calls[0][b])
+        if batches:
+            _learn_output_form(model, stubs[0].__dict__["_replaced"], plan, cap, batches[0], device)
+        plan.stop_at = n - 1
+        for ids in batches:
+            _forward(model, ids, device)
+            cap.tokens.append((int(ids.shape[0]), int(ids.shape[1])))
+    counts = [len(calls) for calls in cap.calls]
+    if counts and (counts[0] != len(batches) or any(c not in (0, len(batches)) for c in counts)):
+        raise DriverError(f"{type(model).__name__}: its decoder layers were not called once per batch "
+                          f"(calls per layer {counts}, {len(batches)} batches): cannot run them one at a time")
     return cap
 
 
-def run_layer(layer: nn.Module, hidden: torch.Tensor, call: Call, cap: Captured) -> torch.Tensor:
+def _forward(model: nn.Module, ids: torch.Tensor, device: torch.device) -> None:
+    """The model on ``ids`` with its layers swapped for recorders, until a recorder stops it."""
+    try:
+        model(input_ids=ids.to(device), use_cache=False)     # a model may skip its last layer on text
+    except _Stop:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        raise DriverError(f"{type(model).__name__}: running it with its decoder layers one at a time "
+                          f"failed ({type(exc).__name__}: {exc})") from exc
+
+
+def _learn_output_form(model: nn.Module, layer0: nn.Module, plan: _Plan, cap: Captured, ids: torch.Tensor,
+                       device: torch.device) -> None:
+    """Set ``cap.tuple_len`` from the real layer 0 run on its recorded input of ``ids``. If it
+    returns a tuple, its stand-in returns marker tensors in the other entries once more: a
+    model that hands the next layer one that stands for a value (not None) passes state from
+    layer to layer, which recorded arguments cannot replay (DriverError). Leaves ``cap`` empty."""
+    _forward(model, ids, device)                 # stops at layer 0's recorder (plan.stop_at == 0)
+    if not cap.hidden:
+        raise DriverError(f"{type(model).__name__}: the forward pass did not reach its first decoder layer")
+    hidden, (args, kwargs) = cap.hidden.pop(), cap.calls[0].pop()
+    try:
+        out = layer0.to(device)(hidden, *args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise DriverError(f"{type(layer0).__name__}: running the first decoder layer alone failed "
+                          f"({type(exc).__name__}: {exc})") from exc
+    finally:
+        layer0.to("cpu")
+    if not isinstance(out, (tuple, list)):
+        return
+    cap.tuple_len = len(out)
+    if len(out) < 2:
+        return
+    plan.stop_at, plan.extras = -1, tuple(torch.empty(0) for _ in out[1:])
+    _forward(model, ids, device)                 # stops at the next layer's recorder, if any
+    # a None the model hands on is replayed exactly (the stand-ins return None there too)
+    state = [marker for marker, value in zip(plan.extras, out[1:]) if value is not None]
+    handed_on = [value for calls in cap.calls[1:] for args, kwargs in calls
+                 for value in (*args, *kwargs.values()) if any(value is marker for marker in state)]
+    for calls in cap.calls:
+        calls.clear()
+    cap.hidden.clear()
+    plan.extras = None
+    if handed_on:
+        raise DriverError(f"{type(layer0).__name__} returns {len(out)} values and the model passes one of "
+                          f"them to the next layer: state passed from layer to layer, which the driver "
+                          f"cannot replay (it runs the layers one at a time from recorded arguments)")
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, call: Call) -> torch.Tensor:
     """One decoder layer on one batch, returning the hidden states (whatever the output type)."""
     args, kwargs = call
     out = layer(hidden, *args, **kwargs)
-    is_tuple = isinstance(out, (tuple, list))
-    if cap.tuple_output is None:
-        cap.tuple_output = is_tuple
-    return out[0] if is_tuple else out
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def sync(device: torch.device) -> None:
@@ -163,9 +234,11 @@ def propagate(layers: nn.ModuleList, cap: Captured, device: torch.device,
               progress: Optional[Callable[[Any], Any]] = None) -> None:
     """Run every batch through every layer in order (layers visit ``device`` one at a time)."""
     for i in (progress(range(len(layers))) if progress else range(len(layers))):
+        if cap.skipped(i):
+            continue
         layer = layers[i].to(device)
         for b in range(len(cap.hidden)):
-            cap.hidden[b] = run_layer(layer, cap.hidden[b], cap.calls[i][b], cap)
+            cap.hidden[b] = run_layer(layer, cap.hidden[b], cap.calls[i][b])
         layers[i].to("cpu")
 
 
@@ -175,7 +248,8 @@ def head_logits_nll(model: nn.Module, layers: nn.ModuleList, batches: Sequence[t
     """Mean next-token NLL of each window, from the final hidden states in ``cap``."""
     n = len(layers)
     state = {"b": 0}
-    stubs = [_Injector(i, n - 1, lambda: cap.hidden[state["b"]], bool(cap.tuple_output)) for i in range(n)]
+    last = max(i for i in range(n) if not cap.skipped(i))     # the last layer the model calls
+    stubs = [_Injector(i, last, lambda: cap.hidden[state["b"]], cap) for i in range(n)]
     nlls: List[float] = []
     with _Swapped(model, layers, stubs, device):
         for b, ids in enumerate(batches):

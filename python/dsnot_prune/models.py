@@ -260,12 +260,13 @@ def non_linear_weights(layer: nn.Module) -> Dict[str, Tuple[List[int], str]]:
     Why: recent transformers store a MoE layer's experts as one stacked ``[experts, out, in]``
     parameter (``mlp.experts.gate_up_proj``) and its router as a bare parameter; such weights
     can hold most of a model, and a report that counts only the linears must say so.
-    Parameters of fewer than 2 dimensions (norms, biases) are not weight matrices.
+    Parameters with fewer than 2 dimensions of size > 1 (norms, biases, RWKV's ``[1, 1, hidden]``
+    mixing vectors) are not weight matrices.
     """
     found = {}
     for module_name, module in layer.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
-            if param.dim() < 2 or (isinstance(module, nn.Linear) and param_name == "weight"):
+            if sum(size > 1 for size in param.shape) < 2 or (isinstance(module, nn.Linear) and param_name == "weight"):
                 continue
             name = f"{module_name}.{param_name}" if module_name else param_name
             what = "stacked MoE experts" if "expert" in name.lower() else f"a {param.dim()}-D parameter"

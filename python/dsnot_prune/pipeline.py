@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -238,8 +239,10 @@ class _StatsHooks:
         self.first_batch = True
         self.handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
 
-    def start_batch(self, hidden: torch.Tensor) -> None:
-        self.batch_shape = (int(hidden.shape[0]), int(hidden.shape[1]))
+    def start_batch(self, tokens: Tuple[int, int]) -> None:
+        """A new batch of ``tokens = (batch, seq)`` token ids (from the ids, not the hidden
+        states: Gemma 3n passes its layers ``[4, batch, seq, hidden]``)."""
+        self.batch_shape = tokens
         for g in self.groups:
             g["current"] = None
 
@@ -256,11 +259,11 @@ class _StatsHooks:
             b, s = self.batch_shape
             if x.dim() == 2 and x.shape[0] == b * s:
                 xs = x.reshape(b, s, x.shape[-1])
-            elif x.dim() == 3 and tuple(x.shape[:2]) == (b, s):
-                xs = x
+            elif x.dim() >= 3 and x.shape[0] == b and x.shape[-2] == s and x[0].numel() == s * x.shape[-1]:
+                xs = x.reshape(b, s, x.shape[-1])     # [b, seq, in], or [b, 1, seq, in] (MLA's kv_b_proj)
             else:   # e.g. routed MoE experts: not one row per token of each sequence
-                self.unsupported[name] = (f"input of shape {tuple(x.shape)} is not one row per token "
-                                          f"([batch, seq, in]): a routed MoE expert sees only its tokens")
+                self.unsupported[name] = (f"input of shape {tuple(x.shape)} is not one row per token of "
+                                          f"the batch ({b} x {s} tokens); e.g. a routed MoE expert sees only its tokens")
                 return None
             if not self.first_batch and name not in self.group_of:
                 # its input's sharing (and its statistics) would miss the first batch
@@ -278,8 +281,10 @@ class _StatsHooks:
             g = self.groups[self.group_of[name]]
             if g["current"] is x:
                 return None
-            if g["current"] is not None:
-                raise RuntimeError(f"sublayers {g['members']} shared one input in the first batch but not later")
+            if g["current"] is not None:     # a second input in one batch: which one would it be pruned for?
+                self.unsupported[name] = ("called with different inputs in one forward pass, or with an input "
+                                          "other sublayers shared in the first batch but not later")
+                return None
             g["acc"].update(xs)
             g["current"] = x
             return None
@@ -317,6 +322,17 @@ def _dense_entry(prefix: str, index: int, name: str, shape: List[int], reason: s
             "reason": reason}
 
 
+def _non_linear_entries(prefix: str, index: int, layer: nn.Module) -> List[dict]:
+    """Report entries of the layer's weight matrices that are no nn.Linear (left dense)."""
+    return [_dense_entry(prefix, index, name, shape, why) for name, (shape, why) in non_linear_weights(layer).items()]
+
+
+def _dense_layer(prefix: str, index: int, layer: nn.Module, reason: str) -> List[dict]:
+    """Report entries for every weight matrix of a layer the driver leaves whole (``reason``)."""
+    return ([_dense_entry(prefix, index, name, [lin.out_features, lin.in_features], reason)
+             for name, lin in find_linears(layer).items()] + _non_linear_entries(prefix, index, layer))
+
+
 @torch.no_grad()
 def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: dk.RefineConfig,
                 skip: List[str], backend: str, device: torch.device, timings: Dict[str, float],
@@ -327,8 +343,8 @@ def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: d
     hooks = _StatsHooks(linears, hessian=cfg.init == "sparsegpt" or output_error)
     try:
         for b in range(len(cap.hidden)):
-            hooks.start_batch(cap.hidden[b])
-            run_layer(layer, cap.hidden[b], cap.calls[index][b], cap)
+            hooks.start_batch(cap.tokens[b])
+            run_layer(layer, cap.hidden[b], cap.calls[index][b])
             hooks.end_batch()
     finally:
         hooks.remove()
@@ -394,12 +410,11 @@ def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: d
     for name, reason in {**hooks.unsupported, **unseen}.items():
         entries.append(_dense_entry(prefix, index, name, [linears[name].out_features,
                                                           linears[name].in_features], reason))
-    for name, (shape, reason) in non_linear_weights(layer).items():
-        entries.append(_dense_entry(prefix, index, name, shape, reason))
+    entries += _non_linear_entries(prefix, index, layer)
 
     clock = timed()
     for b in range(len(cap.hidden)):
-        cap.hidden[b] = run_layer(layer, cap.hidden[b], cap.calls[index][b], cap)
+        cap.hidden[b] = run_layer(layer, cap.hidden[b], cap.calls[index][b])
     sync(device)
     timings["propagation"] += clock()
     return entries
@@ -460,10 +475,12 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     skip = parse_skip(args.skip_policy())
     for stage in STAGES:
         timings.setdefault(stage, 0.0)
-    matrix_total = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
+    # the decoder layers' weight matrices: the linears' weights and those no nn.Linear holds
+    linear_total = sum(lin.weight.numel() for layer in layers for lin in find_linears(layer).values())
+    dense = sum(math.prod(shape) for layer in layers for shape, _ in non_linear_weights(layer).values())
+    matrix_total = linear_total + dense
     not_linear = {name for layer in layers for name in non_linear_weights(layer)}
     if not_linear:
-        dense = sum(e.numel() for layer in layers for name, e in layer.named_parameters() if name in not_linear)
         _log(args)(f"warning: {', '.join(sorted(not_linear))} ({dense / matrix_total:.1%} of the decoder "
                    f"layers' weights) are not nn.Linear sublayers and stay dense; the sparsity applies "
                    f"to the nn.Linear sublayers only")
@@ -476,6 +493,10 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     entries: List[dict] = []
     progress = _progress(args, "pruning")
     for i in (progress(range(len(layers))) if progress else range(len(layers))):
+        if cap.skipped(i):      # the model does not call it on text (Mllama's cross-attention layers)
+            entries += _dense_layer(layers_name, i, layers[i], "the model does not call this layer on "
+                                                               "text alone (e.g. a cross-attention layer)")
+            continue
         clock = timed()
         layer = layers[i].to(device)
         timings["statistics"] += clock()      # moving the layer in counts with its dense pass
@@ -484,11 +505,22 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
         layers[i].to("cpu")
     del cap
     pruned = [e for e in entries if e.get("pruned", True)]
+    if not pruned:
+        reasons = sorted({e["reason"] for e in entries})
+        raise DriverError(f"{type(model).__name__}: no sublayer of {layers_name} could be pruned "
+                          f"({'; '.join(reasons) or 'no nn.Linear sublayers'}); the model is unchanged")
     total = sum(e["shape"][0] * e["shape"][1] for e in pruned)
     zeros = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for e in pruned)
-    # (expert indices as "*": a MoE layer has up to hundreds of experts)
-    left_dense = sorted({".".join("*" if part.isdigit() else part for part in e["sublayer"].split("."))
-                         for e in entries if not e.get("pruned", True)})
+    # sublayer names (expert indices as "*": a MoE layer has up to hundreds of experts), with
+    # the layers named where it is not every layer's
+    dense_in: Dict[str, set] = {}
+    for e in entries:
+        if not e.get("pruned", True):
+            name = ".".join("*" if part.isdigit() else part for part in e["sublayer"].split("."))
+            dense_in.setdefault(name, set()).add(e["layer"])
+    left_dense = sorted(name if len(where) == len(layers) else
+                        f"{name} (layer{'s' if len(where) > 1 else ''} {', '.join(map(str, sorted(where)))})"
+                        for name, where in dense_in.items())
     refined = sorted({e["sublayer"] for e in pruned if e["refined"]})
     skipped = sorted({e["sublayer"] for e in pruned if not e["refined"]})
     return {
