@@ -368,6 +368,8 @@ def test_weights_left_dense_are_reported(text_file, tokenizer, capsys):
     assert all(e["reason"] and e["refined"] is False for e in dense)
     assert "unused (layer 0)" in report["left_dense"]       # one layer only: named
     assert any("expert" in name for name in report["left_dense"])
+    # the router, an nn.Linear in transformers 4.x and a bare parameter in 5, stays dense in both
+    assert {"block_sparse_moe.gate", "mlp.gate.weight"} & set(report["left_dense"])
     unused = [e for e in dense if e["sublayer"] == "unused"]
     assert len(unused) == 1 and "no input reached it" in unused[0]["reason"]
     after = _decoder_matrices(model)

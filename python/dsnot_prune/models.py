@@ -275,6 +275,22 @@ def non_linear_weights(layer: nn.Module) -> Dict[str, Tuple[List[int], str]]:
     return found
 
 
+ROUTER_REASON = ("a MoE router: kept dense (it is tiny, and pruning it would change which experts "
+                 "each token reaches)")
+
+
+def moe_routers(layer: nn.Module) -> List[str]:
+    """The ``nn.Linear`` routers of a MoE decoder layer (Mixtral 4.x ``block_sparse_moe.gate``,
+    Llama 4 ``feed_forward.router``, Qwen2-MoE ``mlp.shared_expert_gate``, Gemma 4
+    ``router.proj``...): linears named ``gate``/``shared_expert_gate`` or under a ``router``, in
+    a layer that holds experts. transformers 5 keeps many routers as bare parameters, which the
+    driver leaves dense anyway; these are left dense too, whatever the version."""
+    if not any("expert" in name.lower() for name, _ in layer.named_parameters()):
+        return []
+    return [name for name in find_linears(layer)
+            if "router" in name.split(".") or name.split(".")[-1] in ("gate", "shared_expert_gate")]
+
+
 def sublayer_kind(name: str) -> str:
     """``"mlp"``, ``"attn"`` or ``"other"`` from the sublayer's name (``self_attn.q_proj``...)."""
     parts = name.lower().split(".")

@@ -40,8 +40,9 @@ import dsnot_kernels as dk
 
 from . import data as data_mod
 from .layerwise import Captured, capture, perplexity, run_layer, sync
-from .models import (DTYPES, DriverError, find_decoder_layers, find_linears, is_skipped, load_model,
-                     non_linear_weights, parse_skip, resolve_dtype, sublayer_kind, timed)
+from .models import (DTYPES, ROUTER_REASON, DriverError, find_decoder_layers, find_linears, is_skipped,
+                     load_model, moe_routers, non_linear_weights, parse_skip, resolve_dtype, sublayer_kind,
+                     timed)
 
 # The default DSnoT settings of dsnot-prune (--preset). "robust" because, measured on the packaged
 # SmolLM2 (README, "DSnoT that helps"), it improves on the initial Wanda mask at every sparsity,
@@ -341,6 +342,7 @@ def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: d
     linears = find_linears(layer)
     clock = timed()
     hooks = _StatsHooks(linears, hessian=cfg.init == "sparsegpt" or output_error)
+    hooks.unsupported.update({name: ROUTER_REASON for name in moe_routers(layer)})
     try:
         for b in range(len(cap.hidden)):
             hooks.start_batch(cap.tokens[b])
