@@ -418,6 +418,20 @@ def test_pipeline_on_unusual_layers(kind, left_dense, text_file, tokenizer):
     assert report["ppl"] == pytest.approx(float(nll.exp()), rel=1e-4)
 
 
+def test_tied_weights_are_pruned_once(text_file, tokenizer):
+    """A weight shared by two layers (Zamba2's shared block) is pruned where first met and kept
+    with that mask later: one pruned entry, the other ``shared_with`` it, not "left dense"."""
+    model = make_model("llama")
+    layers = model.model.layers
+    layers[1].self_attn.o_proj.weight = layers[0].self_attn.o_proj.weight
+    report = run(_args(text_file, skip="none", eval=False), model=model, tokenizer=tokenizer)
+    tied = [e for e in report["sublayers"] if e["sublayer"] == "self_attn.o_proj"]
+    assert [e.get("pruned", True) for e in tied] == [True, False]
+    assert tied[1]["shared_with"] == "model.layers.0.self_attn.o_proj"
+    assert report["left_dense"] == [] and report["pruned_share_of_decoder_weights"] == pytest.approx(1.0)
+    _check_sparsity(model, "unstructured", 0.5)
+
+
 class _PairLayer(torch.nn.Module):
     """Returns ``(hidden, extra)``: ``extra`` None, or (``carry``) a state the next layer reads."""
 

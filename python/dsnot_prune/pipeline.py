@@ -337,12 +337,17 @@ def _dense_layer(prefix: str, index: int, layer: nn.Module, reason: str) -> List
 @torch.no_grad()
 def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: dk.RefineConfig,
                 skip: List[str], backend: str, device: torch.device, timings: Dict[str, float],
-                output_error: bool = False) -> List[dict]:
-    """Statistics on the dense layer, masks (+ DSnoT), zeroing, then the pruned pass. In place."""
+                output_error: bool = False, pruned_before: Optional[Dict[int, str]] = None) -> List[dict]:
+    """Statistics on the dense layer, masks (+ DSnoT), zeroing, then the pruned pass. In place.
+    ``pruned_before``: ``id(weight) -> name`` of weights an earlier layer pruned (a sublayer
+    whose weight is tied to one of them keeps that mask: its entry has ``shared_with``)."""
     linears = find_linears(layer)
+    tied = {name: pruned_before[id(lin.weight)] for name, lin in linears.items()
+            if pruned_before and id(lin.weight) in pruned_before}
     clock = timed()
     hooks = _StatsHooks(linears, hessian=cfg.init == "sparsegpt" or output_error)
     hooks.unsupported.update({name: ROUTER_REASON for name in moe_routers(layer)})
+    hooks.unsupported.update({name: f"its weight is tied to {owner}'s, pruned there" for name, owner in tied.items()})
     try:
         for b in range(len(cap.hidden)):
             hooks.start_batch(cap.tokens[b])
@@ -412,6 +417,8 @@ def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: d
     for name, reason in {**hooks.unsupported, **unseen}.items():
         entries.append(_dense_entry(prefix, index, name, [linears[name].out_features,
                                                           linears[name].in_features], reason))
+        if name in tied:
+            entries[-1]["shared_with"] = tied[name]
     entries += _non_linear_entries(prefix, index, layer)
 
     clock = timed()
@@ -478,7 +485,8 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     for stage in STAGES:
         timings.setdefault(stage, 0.0)
     # the decoder layers' weight matrices: the linears' weights and those no nn.Linear holds
-    linear_total = sum(lin.weight.numel() for layer in layers for lin in find_linears(layer).values())
+    linear_total = sum(w.numel() for w in {id(lin.weight): lin.weight for layer in layers
+                                           for lin in find_linears(layer).values()}.values())   # tied: once
     dense = sum(math.prod(shape) for layer in layers for shape, _ in non_linear_weights(layer).values())
     matrix_total = linear_total + dense
     not_linear = {name for layer in layers for name in non_linear_weights(layer)}
@@ -493,6 +501,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     timings["calibration"] += clock()
 
     entries: List[dict] = []
+    pruned_before: Dict[int, str] = {}     # id(weight) -> the entry that pruned it (tied weights)
     progress = _progress(args, "pruning")
     for i in (progress(range(len(layers))) if progress else range(len(layers))):
         if cap.skipped(i):      # the model does not call it on text (Mllama's cross-attention layers)
@@ -502,10 +511,18 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
         clock = timed()
         layer = layers[i].to(device)
         timings["statistics"] += clock()      # moving the layer in counts with its dense pass
-        entries += prune_layer(i, layers_name, layer, cap, cfg, skip, args.backend, device, timings,
-                               output_error=args.output_error)
+        new = prune_layer(i, layers_name, layer, cap, cfg, skip, args.backend, device, timings,
+                          output_error=args.output_error, pruned_before=pruned_before)
+        linears = find_linears(layer)
+        pruned_before.update({id(linears[e["sublayer"]].weight): e["name"] for e in new if e.get("pruned", True)})
+        entries += new
         layers[i].to("cpu")
     del cap
+    for e in entries:       # a weight left dense where first met may be tied to one pruned later
+        if not e.get("pruned", True) and "shared_with" not in e:
+            lin = find_linears(layers[e["layer"]]).get(e["sublayer"])
+            if lin is not None and id(lin.weight) in pruned_before:
+                e["shared_with"] = pruned_before[id(lin.weight)]
     pruned = [e for e in entries if e.get("pruned", True)]
     if not pruned:
         reasons = sorted({e["reason"] for e in entries})
@@ -517,7 +534,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     # the layers named where it is not every layer's
     dense_in: Dict[str, set] = {}
     for e in entries:
-        if not e.get("pruned", True):
+        if not e.get("pruned", True) and "shared_with" not in e:
             name = ".".join("*" if part.isdigit() else part for part in e["sublayer"].split("."))
             dense_in.setdefault(name, set()).add(e["layer"])
     left_dense = sorted(name if len(where) == len(layers) else
