@@ -424,12 +424,44 @@ def test_tied_weights_are_pruned_once(text_file, tokenizer):
     model = make_model("llama")
     layers = model.model.layers
     layers[1].self_attn.o_proj.weight = layers[0].self_attn.o_proj.weight
+    layers[0].self_attn.v_proj.weight = layers[0].self_attn.k_proj.weight       # within one layer too
     report = run(_args(text_file, skip="none", eval=False), model=model, tokenizer=tokenizer)
     tied = [e for e in report["sublayers"] if e["sublayer"] == "self_attn.o_proj"]
     assert [e.get("pruned", True) for e in tied] == [True, False]
     assert tied[1]["shared_with"] == "model.layers.0.self_attn.o_proj"
+    v0 = [e for e in report["sublayers"] if e["name"] == "model.layers.0.self_attn.v_proj"]
+    assert v0[0]["pruned"] is False and v0[0]["shared_with"] == "model.layers.0.self_attn.k_proj"
     assert report["left_dense"] == [] and report["pruned_share_of_decoder_weights"] == pytest.approx(1.0)
     _check_sparsity(model, "unstructured", 0.5)
+
+
+class _RoutedMoE(torch.nn.Module):
+    """GraniteMoE-like (4.x): no parameter named 'expert', a MoE class, a router under 'router'."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = torch.nn.Module()
+        self.router.layer = torch.nn.Linear(8, 4)
+        self.input_linear = torch.nn.Parameter(torch.zeros(4, 16, 8))
+
+
+def test_moe_routers_are_found_by_name_in_moe_layers():
+    from dsnot_prune.models import moe_routers
+    from dsnot_prune.pipeline import _ranges
+    layer = torch.nn.Module()
+    layer.block_sparse_moe = _RoutedMoE()
+    layer.self_attn = torch.nn.Linear(8, 8)
+    assert moe_routers(layer) == ["block_sparse_moe.router.layer"]
+    hunyuan = torch.nn.Module()                         # HunYuan-MoE: mlp.gate.wg beside the experts
+    hunyuan.mlp = torch.nn.Module()
+    hunyuan.mlp.gate = torch.nn.Module()
+    hunyuan.mlp.gate.wg = torch.nn.Linear(8, 4)
+    hunyuan.mlp.experts = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(4))
+    hunyuan.mlp.gate_proj = torch.nn.Linear(8, 8)       # a name part "gate_proj" is no router
+    assert moe_routers(hunyuan) == ["mlp.gate.wg"]
+    dense = make_model("llama").model.layers[0]         # no experts: its mlp.gate_proj stays a sublayer
+    assert moe_routers(dense) == []
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8" and _ranges([3]) == "3"
 
 
 class _PairLayer(torch.nn.Module):
@@ -543,10 +575,11 @@ def test_quantized_or_offloaded_weights_fail_before_pruning(case, text_file, tok
     up.weight = torch.nn.Parameter(torch.zeros(shape, dtype=torch.int8) if case == "int8"
                                    else torch.empty(shape, device="meta"), requires_grad=False)
     before = _decoder_matrices(model)
-    match = "int8 weight (a quantized model?)" if case == "int8" else "weight on the meta device"
+    match = "int8; dsnot-prune prunes float32, float16 and bfloat16 weights (a quantized model?" \
+        if case == "int8" else "on the meta device"
     with pytest.raises(DriverError) as err:
         run(_args(text_file), model=model, tokenizer=tokenizer)
-    assert str(err.value).startswith("model.layers.1.mlp.up_proj has ") and match in str(err.value), err.value
+    assert str(err.value).startswith("model.layers.1.mlp.up_proj: its weight is ") and match in str(err.value), err.value
     after = _decoder_matrices(model)
     assert all(torch.equal(after[k], v) for k, v in before.items() if v.device.type != "meta")
 

@@ -12,7 +12,8 @@ larger than the device's memory still prunes and evaluates. Two tricks keep this
   returns its output (a tensor, or a tuple ``(hidden, None, ...)`` that the model may unpack:
   learned by running the real first layer once); the first recorder also keeps the hidden
   states (the first layer's input). The last recorder stops the forward. A layer the model
-  never calls (Mllama's cross-attention layers, on text) is passed over; a layer output the
+  never calls (Mllama's cross-attention layers, on text) is passed over (except the first
+  layer, which must be called); a layer output the
   model hands to the next layer (state) cannot be replayed from recorded arguments: refused.
 - **head**: to turn the last layer's output into logits, the layers are replaced by injectors
   that pass their input through, except the last, which returns the stored final hidden states;
@@ -200,12 +201,13 @@ def _learn_output_form(model: nn.Module, layer0: nn.Module, plan: _Plan, cap: Ca
     cap.tuple_len = len(out)
     if len(out) < 2:
         return
-    plan.stop_at, plan.extras = -1, tuple(torch.empty(0) for _ in out[1:])
+    # markers where the real layer returns a value (a None handed on is replayed exactly: the
+    # stand-ins return None there too)
+    plan.stop_at, plan.extras = -1, tuple(None if value is None else torch.empty(0) for value in out[1:])
     _forward(model, ids, device)                 # stops at the next layer's recorder, if any
-    # a None the model hands on is replayed exactly (the stand-ins return None there too)
-    state = [marker for marker, value in zip(plan.extras, out[1:]) if value is not None]
+    markers = [marker for marker in plan.extras if marker is not None]
     handed_on = [value for calls in cap.calls[1:] for args, kwargs in calls
-                 for value in (*args, *kwargs.values()) if any(value is marker for marker in state)]
+                 for value in (*args, *kwargs.values()) if any(value is marker for marker in markers)]
     for calls in cap.calls:
         calls.clear()
     cap.hidden.clear()

@@ -266,7 +266,8 @@ def non_linear_weights(layer: nn.Module) -> Dict[str, Tuple[List[int], str]]:
     found = {}
     for module_name, module in layer.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
-            if sum(size > 1 for size in param.shape) < 2 or (isinstance(module, nn.Linear) and param_name == "weight"):
+            if (sum(size > 1 for size in param.shape) < 2 or "bias" in param_name   # gpt-oss's [experts, out] biases
+                    or (isinstance(module, nn.Linear) and param_name == "weight")):
                 continue
             name = f"{module_name}.{param_name}" if module_name else param_name
             what = "stacked MoE experts" if "expert" in name.lower() else f"a {param.dim()}-D parameter"
@@ -275,20 +276,25 @@ def non_linear_weights(layer: nn.Module) -> Dict[str, Tuple[List[int], str]]:
     return found
 
 
-ROUTER_REASON = ("a MoE router: kept dense (it is tiny, and pruning it would change which experts "
-                 "each token reaches)")
+ROUTER_REASON = ("a MoE router or gate: kept dense (it is tiny, and pruning it would change how "
+                 "tokens are routed to the experts or weighted)")
+_ROUTER_PARTS = {"router", "gate", "gating", "shared_expert_gate"}
 
 
 def moe_routers(layer: nn.Module) -> List[str]:
-    """The ``nn.Linear`` routers of a MoE decoder layer (Mixtral 4.x ``block_sparse_moe.gate``,
-    Llama 4 ``feed_forward.router``, Qwen2-MoE ``mlp.shared_expert_gate``, Gemma 4
-    ``router.proj``...): linears named ``gate``/``shared_expert_gate`` or under a ``router``, in
-    a layer that holds experts. transformers 5 keeps many routers as bare parameters, which the
-    driver leaves dense anyway; these are left dense too, whatever the version."""
-    if not any("expert" in name.lower() for name, _ in layer.named_parameters()):
+    """The ``nn.Linear`` routers and gates of a MoE decoder layer (Mixtral 4.x
+    ``block_sparse_moe.gate``, Llama 4 ``feed_forward.router``, GraniteMoE
+    ``block_sparse_moe.router.layer``, HunYuan-MoE ``mlp.gate.wg``, Qwen2-MoE
+    ``mlp.shared_expert_gate``...): linears with a name part ``router``/``gate``/``gating``/
+    ``shared_expert_gate``, in a layer with experts (a parameter or module class named so, or
+    a ``MoE`` class). transformers 5 keeps many routers as bare parameters, which the driver
+    leaves dense anyway; these are left dense too, whatever the version."""
+    is_moe = (any("expert" in name.lower() for name, _ in layer.named_parameters()) or
+              any("expert" in type(m).__name__.lower() or "moe" in type(m).__name__.lower()
+                  for m in layer.modules()))
+    if not is_moe:
         return []
-    return [name for name in find_linears(layer)
-            if "router" in name.split(".") or name.split(".")[-1] in ("gate", "shared_expert_gate")]
+    return [name for name in find_linears(layer) if _ROUTER_PARTS & set(name.split("."))]
 
 
 def sublayer_kind(name: str) -> str:

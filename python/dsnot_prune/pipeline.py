@@ -203,12 +203,13 @@ def check_weights(layers: nn.ModuleList, layers_name: str) -> None:
         for name, lin in find_linears(layer).items():
             weight = lin.weight
             if weight.device.type == "meta":
-                raise DriverError(f"{layers_name}.{i}.{name} has its weight on the meta device (offloaded, "
+                raise DriverError(f"{layers_name}.{i}.{name}: its weight is on the meta device (offloaded, "
                                   f"e.g. by device_map='auto'): load the model whole on the CPU")
             if weight.dtype not in set(DTYPES.values()):
-                raise DriverError(f"{layers_name}.{i}.{name} has a {str(weight.dtype).replace('torch.', '')} "
-                                  f"weight (a quantized model?): dsnot-prune prunes float32, float16 and "
-                                  f"bfloat16 weights; load the model unquantized")
+                hint = "load it in one of those" if weight.is_floating_point() else \
+                    "a quantized model? load it unquantized"
+                raise DriverError(f"{layers_name}.{i}.{name}: its weight is {str(weight.dtype).replace('torch.', '')}; "
+                                  f"dsnot-prune prunes float32, float16 and bfloat16 weights ({hint})")
 
 
 def check_skip(layers: nn.ModuleList, layers_name: str, skip: List[str]) -> None:
@@ -316,6 +317,17 @@ def _row_mean(t: torch.Tensor) -> float:
     return float(t.double().abs().mean()) if t.numel() else 0.0
 
 
+def _ranges(indices: List[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    runs: List[List[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _dense_entry(prefix: str, index: int, name: str, shape: List[int], reason: str) -> dict:
     """The report entry of a weight of layer ``index`` that the driver left dense."""
     return {"name": f"{prefix}.{index}.{name}", "layer": index, "sublayer": name,
@@ -342,8 +354,15 @@ def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: d
     ``pruned_before``: ``id(weight) -> name`` of weights an earlier layer pruned (a sublayer
     whose weight is tied to one of them keeps that mask: its entry has ``shared_with``)."""
     linears = find_linears(layer)
-    tied = {name: pruned_before[id(lin.weight)] for name, lin in linears.items()
-            if pruned_before and id(lin.weight) in pruned_before}
+    tied, first_of = {}, {}            # a weight met before (an earlier layer, or this one) -> its owner
+    for name, lin in linears.items():
+        key = id(lin.weight)
+        if pruned_before and key in pruned_before:
+            tied[name] = pruned_before[key]
+        elif key in first_of:
+            tied[name] = f"{prefix}.{index}.{first_of[key]}"
+        else:
+            first_of[key] = name
     clock = timed()
     hooks = _StatsHooks(linears, hessian=cfg.init == "sparsegpt" or output_error)
     hooks.unsupported.update({name: ROUTER_REASON for name in moe_routers(layer)})
@@ -493,7 +512,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     if not_linear:
         _log(args)(f"warning: {', '.join(sorted(not_linear))} ({dense / matrix_total:.1%} of the decoder "
                    f"layers' weights) are not nn.Linear sublayers and stay dense; the sparsity applies "
-                   f"to the nn.Linear sublayers only")
+                   f"to the pruned sublayers only")
 
     clock = timed()
     cap = capture(model, layers, list(torch.split(samples, args.batch_size)), device)
@@ -538,7 +557,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
             name = ".".join("*" if part.isdigit() else part for part in e["sublayer"].split("."))
             dense_in.setdefault(name, set()).add(e["layer"])
     left_dense = sorted(name if len(where) == len(layers) else
-                        f"{name} (layer{'s' if len(where) > 1 else ''} {', '.join(map(str, sorted(where)))})"
+                        f"{name} (layer{'s' if len(where) > 1 else ''} {_ranges(sorted(where))})"
                         for name, where in dense_in.items())
     refined = sorted({e["sublayer"] for e in pruned if e["refined"]})
     skipped = sorted({e["sublayer"] for e in pruned if not e["refined"]})
@@ -771,7 +790,7 @@ def summary(report: Dict[str, Any]) -> str:
     lines = [f"{report['model']} ({report['model_class']}, {report['dtype']}, {report['device']}): "
              f"{what}, {cfg['pattern']}"
              + (f" {cfg['sparsity']:.0%}" if cfg["pattern"] == "unstructured" else "")
-             + f" -> sparsity {report['sparsity']:.4f} over the decoder linears"]
+             + f" -> sparsity {report['sparsity']:.4f} over the pruned decoder linears"]
     if report.get("left_dense"):
         share = report["pruned_share_of_decoder_weights"]
         lines.append(f"left dense: {', '.join(report['left_dense'])} (the pruned linears hold {share:.1%} "
