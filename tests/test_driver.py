@@ -194,13 +194,30 @@ class _TypedLayer(torch.nn.Module):
         return hidden + torch.tanh(self.proj(hidden)) * scale
 
 
-class _TypedLM(torch.nn.Module):
-    def __init__(self) -> None:
+class _ToyLM(torch.nn.Module):
+    """An embedding, three decoder layers made by ``make_layer(i)`` and a head (vocab 16, width 8)."""
+
+    def __init__(self, make_layer) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = torch.nn.Embedding(16, 8)
-        self.layers = torch.nn.ModuleList(_TypedLayer(i) for i in range(3))
+        self.layers = torch.nn.ModuleList(make_layer(i) for i in range(3))
         self.head = torch.nn.Linear(8, 16)
+
+
+def _toy_batches_and_nlls(model: _ToyLM):
+    """Two batches of token ids and the model's own per-window mean NLLs on them."""
+    ids = torch.randint(0, 16, (4, 10), generator=torch.Generator().manual_seed(2))
+    batches = list(torch.split(ids, 2))
+    with torch.no_grad():
+        nlls = [torch.nn.functional.cross_entropy(model(b).logits[:, :-1].transpose(1, 2), b[:, 1:],
+                                                  reduction="none").mean(1).tolist() for b in batches]
+    return batches, sum(nlls, [])
+
+
+class _TypedLM(_ToyLM):
+    def __init__(self) -> None:
+        super().__init__(_TypedLayer)
 
     def forward(self, input_ids, use_cache=False):
         hidden = self.embed(input_ids)
@@ -214,16 +231,12 @@ def test_layerwise_forward_reads_the_layers_attributes():
     running the head answer attribute reads from the layers they replace, and the replaced
     layers do not move with the rest of the model."""
     model = _TypedLM()
-    ids = torch.randint(0, 16, (4, 10), generator=torch.Generator().manual_seed(2))
-    batches = list(torch.split(ids, 2))
-    with torch.no_grad():
-        want = [torch.nn.functional.cross_entropy(model(b).logits[:, :-1].transpose(1, 2), b[:, 1:],
-                                                  reduction="none").mean(1).tolist() for b in batches]
+    batches, want = _toy_batches_and_nlls(model)
     cap = capture(model, model.layers, batches, torch.device("cpu"))
     assert [call[0] for call in cap.calls[1]] == [(0.5,), (0.5,)]      # the "sliding" layer's scale
     propagate(model.layers, cap, torch.device("cpu"))
     got = head_logits_nll(model, model.layers, batches, cap, torch.device("cpu"))
-    assert got == pytest.approx(sum(want, []), rel=1e-6, abs=1e-6)
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
     assert all(isinstance(layer, _TypedLayer) for layer in model.layers)   # put back afterwards
     stubs = [_Injector(i, 2, lambda: None, cap) for i in range(3)]
     with _Swapped(model, model.layers, stubs, torch.device("cpu")):
@@ -476,15 +489,11 @@ class _PairLayer(torch.nn.Module):
         return out, (out.mean() if self.carry else None)
 
 
-class _PairLM(torch.nn.Module):
+class _PairLM(_ToyLM):
     """A model that unpacks its layers' outputs, ``hidden, extra = layer(hidden, extra)``."""
 
     def __init__(self, carry: bool) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Embedding(16, 8)
-        self.layers = torch.nn.ModuleList(_PairLayer(carry) for _ in range(3))
-        self.head = torch.nn.Linear(8, 16)
+        super().__init__(lambda i: _PairLayer(carry))
 
     def forward(self, input_ids, use_cache=False):
         hidden, extra = self.embed(input_ids), None
@@ -496,17 +505,13 @@ class _PairLM(torch.nn.Module):
 def test_layers_whose_outputs_the_model_unpacks():
     """Stand-ins return a real layer's tuple form when the model unpacks it (the layer-wise
     logits equal the model's); a layer output the model passes on as state is refused."""
-    ids = torch.randint(0, 16, (4, 10), generator=torch.Generator().manual_seed(2))
-    batches = list(torch.split(ids, 2))
     model = _PairLM(carry=False)
-    with torch.no_grad():
-        want = [torch.nn.functional.cross_entropy(model(b).logits[:, :-1].transpose(1, 2), b[:, 1:],
-                                                  reduction="none").mean(1).tolist() for b in batches]
+    batches, want = _toy_batches_and_nlls(model)
     cap = capture(model, model.layers, batches, torch.device("cpu"))
     assert cap.tuple_len == 2
     propagate(model.layers, cap, torch.device("cpu"))
     got = head_logits_nll(model, model.layers, batches, cap, torch.device("cpu"))
-    assert got == pytest.approx(sum(want, []), rel=1e-6, abs=1e-6)
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
     carrying = _PairLM(carry=True)
     with pytest.raises(DriverError, match="passes one of them to the next layer"):
         capture(carrying, carrying.layers, batches, torch.device("cpu"))
