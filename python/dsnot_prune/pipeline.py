@@ -537,9 +537,12 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
         entries += new
         layers[i].to("cpu")
     del cap
+    linears_of: Dict[int, Dict[str, nn.Linear]] = {}
     for e in entries:       # a weight left dense where first met may be tied to one pruned later
         if not e.get("pruned", True) and "shared_with" not in e:
-            lin = find_linears(layers[e["layer"]]).get(e["sublayer"])
+            if e["layer"] not in linears_of:
+                linears_of[e["layer"]] = find_linears(layers[e["layer"]])
+            lin = linears_of[e["layer"]].get(e["sublayer"])
             if lin is not None and id(lin.weight) in pruned_before:
                 e["shared_with"] = pruned_before[id(lin.weight)]
     pruned = [e for e in entries if e.get("pruned", True)]
