@@ -154,9 +154,10 @@ def capture(model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Ten
     cap = Captured(hidden=[], calls=[[] for _ in range(n)])
     plan = _Plan()
     stubs = [_Recorder(i, plan, cap) for i in range(n)]
+    first_layer = layers[0] if n else None
     with _Swapped(model, layers, stubs, device):
-        if batches:
-            _learn_output_form(model, stubs[0].__dict__["_replaced"], plan, cap, batches[0], device)
+        if batches and first_layer is not None:
+            _learn_output_form(model, first_layer, plan, cap, batches[0], device)
         plan.stop_at = n - 1
         for ids in batches:
             _forward(model, ids, device)

@@ -504,11 +504,14 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     for stage in STAGES:
         timings.setdefault(stage, 0.0)
     # the decoder layers' weight matrices: the linears' weights and those no nn.Linear holds
-    linear_total = sum(w.numel() for w in {id(lin.weight): lin.weight for layer in layers
-                                           for lin in find_linears(layer).values()}.values())   # tied: once
-    dense = sum(math.prod(shape) for layer in layers for shape, _ in non_linear_weights(layer).values())
+    # (module.to() and apply_mask_ keep each Parameter object, so ids stay valid throughout)
+    linears_of = [find_linears(layer) for layer in layers]
+    non_linear_of = [non_linear_weights(layer) for layer in layers]
+    linear_total = sum(w.numel() for w in {id(lin.weight): lin.weight for linears in linears_of
+                                           for lin in linears.values()}.values())   # tied: once
+    dense = sum(math.prod(shape) for found in non_linear_of for shape, _ in found.values())
     matrix_total = linear_total + dense
-    not_linear = {name for layer in layers for name in non_linear_weights(layer)}
+    not_linear = {name for found in non_linear_of for name in found}
     if not_linear:
         _log(args)(f"warning: {', '.join(sorted(not_linear))} ({dense / matrix_total:.1%} of the decoder "
                    f"layers' weights) are not nn.Linear sublayers and stay dense; the sparsity applies "
@@ -532,16 +535,13 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
         timings["statistics"] += clock()      # moving the layer in counts with its dense pass
         new = prune_layer(i, layers_name, layer, cap, cfg, skip, args.backend, device, timings,
                           output_error=args.output_error, pruned_before=pruned_before)
-        linears = find_linears(layer)
-        pruned_before.update({id(linears[e["sublayer"]].weight): e["name"] for e in new if e.get("pruned", True)})
+        pruned_before.update({id(linears_of[i][e["sublayer"]].weight): e["name"]
+                              for e in new if e.get("pruned", True)})
         entries += new
         layers[i].to("cpu")
     del cap
-    linears_of: Dict[int, Dict[str, nn.Linear]] = {}
     for e in entries:       # a weight left dense where first met may be tied to one pruned later
         if not e.get("pruned", True) and "shared_with" not in e:
-            if e["layer"] not in linears_of:
-                linears_of[e["layer"]] = find_linears(layers[e["layer"]])
             lin = linears_of[e["layer"]].get(e["sublayer"])
             if lin is not None and id(lin.weight) in pruned_before:
                 e["shared_with"] = pruned_before[id(lin.weight)]
