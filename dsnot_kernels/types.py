@@ -96,7 +96,7 @@ class RefineConfig:
         moment_check: [robust preset] stop a row at the first swap that would not lower the
             row's expected *squared* output error per token under independent input channels
             (README, "DSnoT that helps"); uses the mean sequence length ``ntokens / nsamples``.
-        cycle_fraction: [robust preset] if set, a row's cycle budget is
+        cycle_fraction: (set by no preset) if set, a row's cycle budget is
             ``min(max_cycle_time, floor(cycle_fraction * pruned_per_row))``.
     """
 

@@ -357,6 +357,45 @@ def test_too_many_cycles_for_triton(monkeypatch):
     assert backends.choose_backend("auto", torch.device("cuda"), False, small) == "triton"
 
 
+def _interpreted_launches(problem) -> list:
+    """The tuning candidates of ``problem`` that differ under the interpreter, where warps and
+    programs per SM do not apply (3 programs always)."""
+    from dsnot_kernels.ops.launch_tuning import candidates
+    launches = []
+    for knobs in candidates(problem):
+        knobs = {k: v for k, v in knobs.items() if k not in ("num_warps", "programs_per_sm")}
+        if knobs not in launches:
+            launches.append(knobs)
+    return launches
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE == "cuda", reason="the gpu-marked test_gpu_llama_sizes covers this on CUDA")
+@pytest.mark.parametrize("pattern,sparsity,rows,inn", [("unstructured", 0.6, 2, 4096), ("unstructured", 0.6, 1, 11008),
+                                                     ("2:4", 0.5, 2, 4096), ("2:4", 0.5, 2, 11008)],
+                         ids=["60%-I4096", "60%-I11008", "2:4-I4096", "2:4-I11008"])
+def test_llama_width_rows_every_launch(pattern, sparsity, rows, inn):
+    """Rows as wide as LLaMA-7B's, at the published defaults (T=50, τ=0.1, the default
+    ``cap``/``chunk``), through every launch ``auto`` may pick on a GPU: the small shapes
+    above loop over chunks only when given chunks of 16-64 columns, and never meet a
+    4096/16384-wide row tile or queues of thousands of candidates for T=50. (Seeds across rows
+    are tested at small widths above: under the interpreter a wide row costs seconds per
+    launch.)"""
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(rows, inn, generator=gen) * 0.02).to(torch.float16)
+    x = (torch.randn(2, 64, inn, generator=gen) * (torch.rand(inn, generator=gen) + 0.25)
+         + 0.5 * torch.randn(inn, generator=gen))
+    acc = dk.StatsAccumulator(inn)
+    acc.update(x)
+    cfg = dk.RefineConfig(sparsity=sparsity, pattern=pattern)
+    problem, expected = reference_output(w, acc.finalize(), cfg)
+    assert problem.cycles == 50 and float(expected.swaps.float().mean()) > 0
+    launches = _interpreted_launches(problem)
+    assert {k["select"] for k in launches} == {"rows", "stream"}, launches
+    for knobs in launches:
+        assert_same_output(expected, refine_triton(problem, **knobs), f"{rows}x{inn}-{pattern}-{knobs}")
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: the same parity at LLaMA sizes (a subset of rows checked against the reference)
 # ------------------------------------------------------------------------------------------------
