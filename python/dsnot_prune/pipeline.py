@@ -335,25 +335,28 @@ def _dense_entry(prefix: str, index: int, name: str, shape: List[int], reason: s
             "reason": reason}
 
 
-def _non_linear_entries(prefix: str, index: int, layer: nn.Module) -> List[dict]:
-    """Report entries of the layer's weight matrices that are no nn.Linear (left dense)."""
-    return [_dense_entry(prefix, index, name, shape, why) for name, (shape, why) in non_linear_weights(layer).items()]
+def _non_linear_entries(prefix: str, index: int, non_linear: Dict[str, Tuple[List[int], str]]) -> List[dict]:
+    """Report entries of a layer's weight matrices that are no nn.Linear (``non_linear_weights``)."""
+    return [_dense_entry(prefix, index, name, shape, why) for name, (shape, why) in non_linear.items()]
 
 
-def _dense_layer(prefix: str, index: int, layer: nn.Module, reason: str) -> List[dict]:
+def _dense_layer(prefix: str, index: int, linears: Dict[str, nn.Linear],
+                 non_linear: Dict[str, Tuple[List[int], str]], reason: str) -> List[dict]:
     """Report entries for every weight matrix of a layer the driver leaves whole (``reason``)."""
     return ([_dense_entry(prefix, index, name, [lin.out_features, lin.in_features], reason)
-             for name, lin in find_linears(layer).items()] + _non_linear_entries(prefix, index, layer))
+             for name, lin in linears.items()] + _non_linear_entries(prefix, index, non_linear))
 
 
 @torch.no_grad()
 def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: dk.RefineConfig,
-                skip: List[str], backend: str, device: torch.device, timings: Dict[str, float],
+                skip: List[str], backend: str, device: torch.device, timings: Dict[str, float], *,
+                linears: Dict[str, nn.Linear], non_linear: Dict[str, Tuple[List[int], str]],
                 output_error: bool = False, pruned_before: Optional[Dict[int, str]] = None) -> List[dict]:
     """Statistics on the dense layer, masks (+ DSnoT), zeroing, then the pruned pass. In place.
-    ``pruned_before``: ``id(weight) -> name`` of weights an earlier layer pruned (a sublayer
-    whose weight is tied to one of them keeps that mask: its entry has ``shared_with``)."""
-    linears = find_linears(layer)
+    ``linears`` and ``non_linear``: the layer's ``find_linears`` and ``non_linear_weights``
+    (looked up once by :func:`prune_model`). ``pruned_before``: ``id(weight) -> name`` of
+    weights an earlier layer pruned (a sublayer whose weight is tied to one of them keeps that
+    mask: its entry has ``shared_with``)."""
     tied, first_of = {}, {}            # a weight met before (an earlier layer, or this one) -> its owner
     for name, lin in linears.items():
         key = id(lin.weight)
@@ -438,7 +441,7 @@ def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: d
                                                           linears[name].in_features], reason))
         if name in tied:
             entries[-1]["shared_with"] = tied[name]
-    entries += _non_linear_entries(prefix, index, layer)
+    entries += _non_linear_entries(prefix, index, non_linear)
 
     clock = timed()
     for b in range(len(cap.hidden)):
@@ -527,13 +530,14 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     progress = _progress(args, "pruning")
     for i in (progress(range(len(layers))) if progress else range(len(layers))):
         if cap.skipped(i):      # the model does not call it on text (Mllama's cross-attention layers)
-            entries += _dense_layer(layers_name, i, layers[i], "the model does not call this layer on "
-                                                               "text alone (e.g. a cross-attention layer)")
+            entries += _dense_layer(layers_name, i, linears_of[i], non_linear_of[i],
+                                    "the model does not call this layer on text alone (e.g. a cross-attention layer)")
             continue
         clock = timed()
         layer = layers[i].to(device)
         timings["statistics"] += clock()      # moving the layer in counts with its dense pass
         new = prune_layer(i, layers_name, layer, cap, cfg, skip, args.backend, device, timings,
+                          linears=linears_of[i], non_linear=non_linear_of[i],
                           output_error=args.output_error, pruned_before=pruned_before)
         pruned_before.update({id(linears_of[i][e["sublayer"]].weight): e["name"]
                               for e in new if e.get("pruned", True)})
