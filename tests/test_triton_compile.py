@@ -1,5 +1,6 @@
-"""Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, and sm_75 (a T4: where
-the extension's CUDA path cannot run, ``auto`` takes Triton for N:M too) (no GPU needed).
+"""Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, sm_75 (a T4: where
+the extension's CUDA path cannot run, ``auto`` takes Triton for N:M too), and Blackwell's sm_100
+(B200) and sm_120 (RTX 50 series) (no GPU needed).
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs Triton's real CUDA
 code generation (TTIR -> TTGIR -> LLVM -> PTX -> cubin via ptxas). It must run with
@@ -47,7 +48,7 @@ sys.path.insert(0, BENCH_DIR)
 from aot_kernels import CASES  # noqa: E402  (case -> weight dtype; imports no Triton)
 
 
-@pytest.mark.parametrize("cc", [75, 80, 90], ids=lambda cc: f"sm_{cc}")
+@pytest.mark.parametrize("cc", [75, 80, 90, 100, 120], ids=lambda cc: f"sm_{cc}")
 @pytest.mark.parametrize("case,dtype", list(CASES.items()), ids=[f"{c}-{d}" for c, d in CASES.items()])
 def test_kernel_compiles_for_cuda(case, dtype, cc):
     info = _compile(case, cc, dtype)
