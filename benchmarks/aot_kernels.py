@@ -41,7 +41,8 @@ if str(REPO) not in sys.path:
 
 # case -> the default weight dtype used by the census; every case compiles for any dtype
 CASES = {
-    "select-unstructured": "fp16", "select-unstructured-seeded": "fp16", "select-nm": "bf16",
+    "select-unstructured": "fp16", "select-unstructured-seeded": "fp16",
+    "select-unstructured-wide": "fp16", "select-nm": "bf16",
     "stream-unstructured": "fp16", "stream-nm": "bf16", "select-unstructured-serial": "fp16",
     "stream-nm-serial": "bf16", "stream-unstructured-narrow": "fp16",
     "stream-unstructured-1warp": "fp16", "stream-nm-1warp": "bf16", "stream-unstructured-serial": "fp16",
@@ -55,11 +56,12 @@ ALIGNED_INTS = ("rows", "cols", "stride_w", "stride_is", "stride_im", "stride_m"
                 "stride_b", "stride_t")
 
 
-def kernel_spec(case: str, dtype: str, cap: int = 128):
+def kernel_spec(case: str, dtype: str, cap: int = 128, warp: int = 32, nvidia: bool = True):
     """``(kernel, signature, constexprs, options)`` of one case (``CASES``), as its launcher
-    builds them; ``dtype`` is the weight (or activation) dtype: ``fp16``, ``bf16`` or ``fp32``;
-    ``cap`` the queue line length ``CAP``."""
-    from dsnot_kernels.ops.refine import STREAM_MAXNREG, stream_mask_chunk
+    builds them for a GPU with ``warp``-thread warps (AMD's datacenter GPUs: 64), on NVIDIA's
+    Triton backend or not (AMD's has no register cap option); ``dtype`` is the weight (or
+    activation) dtype: ``fp16``, ``bf16`` or ``fp32``; ``cap`` the queue line length ``CAP``."""
+    from dsnot_kernels.ops.refine import _num_warps, launch_options, stream_mask_chunk
     from dsnot_kernels.ops.refine_cycles import cycles_kernel
     from dsnot_kernels.ops.refine_select import select_kernel
     from dsnot_kernels.ops.refine_select_stream import select_stream_kernel
@@ -82,14 +84,15 @@ def kernel_spec(case: str, dtype: str, cap: int = 128):
                      STORE_A=not nm, CHUNK=chunk, MASK_CHUNK=stream_mask_chunk(chunk, warps, nm),
                      JOINT=not case.endswith("-serial"))
     elif case.startswith("select"):
-        fn, warps = select_kernel, 8
+        wide = case.endswith("-wide")      # LLaMA's down_proj rows (11008 columns) in registers
+        fn, warps = select_kernel, _num_warps(16384 if wide else 4096, "-nm" in case, warp)
         sig = dict(w_ptr=w, s_ptr="*fp32", sq_ptr="*fp32", vp_ptr="*fp32", scale_ptr="*fp32",
                    iscore_ptr="*fp32", imask_ptr="*u8", mask_ptr="*u8", e0_ptr="*fp64",
                    queue_ptr="*i32", qd_ptr="*fp32", qa_ptr="*fp32", scratch_ptr="*i64", rows="i32",
                    cols="i32", stride_w="i32", stride_is="i32", stride_im="i32", stride_m="i32",
                    pruned_per_row="i32", depth="i32")
         const = dict(IS_NM=nm, N=2 if nm else 0, M=4 if nm else 1, GPAD=1024 if nm else 1,
-                     MPAD=4 if nm else 4096, HAS_MASK=False, HAS_SCORE=False,
+                     MPAD=4 if nm else 16384 if wide else 4096, HAS_MASK=False, HAS_SCORE=False,
                      NQ=2 if nm else 4, TPAD=64, CAP=cap, STORE_A=not nm,
                      JOINT=not case.endswith("-serial"), SEEDED=case.endswith("-seeded"))
     elif case.startswith("cycles"):
@@ -109,16 +112,18 @@ def kernel_spec(case: str, dtype: str, cap: int = 128):
         sig = dict(x_ptr=w, out_ptr="*fp64", seq="i32", width="i32", stride_b="i32", stride_t="i32")
         const = dict(BLOCK_T=32, BLOCK_C=64)
     sig.update({k: "constexpr" for k in const})
-    options = dict(num_warps=warps, enable_fp_fusion=False)
-    if case.startswith("stream-unstructured") and warps >= 4:
-        options["maxnreg"] = STREAM_MAXNREG           # as the launcher caps it
+    options = launch_options(warps, capped=case.startswith("stream-unstructured") and warps >= 4)
+    if not nvidia:
+        options.pop("maxnreg", None)     # as on a ROCm torch (ops.refine.REGISTER_CAP_OPTION)
     return fn, sig, const, options
 
 
-def compile_case(case: str, cc: int, dtype: str, cap: int = 128, jit_like: bool = True):
+def compile_case(case: str, cc: int | str, dtype: str, cap: int = 128, jit_like: bool = True):
     """Triton's ``CompiledKernel`` of ``case`` for ``sm_<cc>`` (``asm["ptx"]``, ``asm["cubin"]``,
-    ``metadata.shared``). ``jit_like``: with the divisibility hints a launch on LLaMA shapes gets
-    (pointers and ``ALIGNED_INTS`` divisible by 16); else none."""
+    ``metadata.shared``), or for an AMD GPU when ``cc`` is its architecture name, e.g.
+    ``"gfx942"`` (MI300; ``asm["amdgcn"]``, ``asm["hsaco"]``). ``jit_like``: with the
+    divisibility hints a launch on LLaMA shapes gets (pointers and ``ALIGNED_INTS`` divisible
+    by 16); else none."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_case needs TRITON_INTERPRET unset before triton is imported "
                            "(run benchmarks/aot_kernels.py, or a subprocess without it)")
@@ -126,13 +131,18 @@ def compile_case(case: str, cc: int, dtype: str, cap: int = 128, jit_like: bool 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, sig, const, options = kernel_spec(case, dtype, cap)
+    if isinstance(cc, str):
+        # Triton runs a wavefront as a warp: 64 lanes on the datacenter GPUs (gfx9), 32 on RDNA
+        target = GPUTarget("hip", cc, 64 if cc.startswith("gfx9") else 32)
+    else:
+        target = GPUTarget("cuda", cc, 32)
+    fn, sig, const, options = kernel_spec(case, dtype, cap, target.warp_size, target.backend == "cuda")
     attrs = {}
     if jit_like:
         attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
                  for name, kind in sig.items() if kind.startswith("*") or name in ALIGNED_INTS}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                          target=GPUTarget("cuda", cc, 32), options=options)
+                          target=target, options=options)
 
 
 def _tool(name: str) -> str:

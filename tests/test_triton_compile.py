@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, sm_75 (a T4: where
-the extension's CUDA path cannot run, ``auto`` takes Triton for N:M too), and Blackwell's sm_100
-(B200) and sm_120 (RTX 50 series) (no GPU needed).
+the extension's CUDA path cannot run, ``auto`` takes Triton for N:M too), Blackwell's sm_100
+(B200) and sm_120 (RTX 50 series), and AMD's gfx942 (MI300), whose ROCm torch calls it a
+"cuda" device too (no GPU needed; no kernel has run on an AMD GPU).
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs Triton's real CUDA
 code generation (TTIR -> TTGIR -> LLVM -> PTX -> cubin via ptxas). It must run with
@@ -24,19 +25,27 @@ BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 # in a subprocess with TRITON_INTERPRET unset; the kernels' signatures, constants and options
 # are benchmarks/aot_kernels.py's (one place, shared with its SASS census)
 SCRIPT = textwrap.dedent(r"""
-    import json, sys
+    import json, re, sys
     sys.path.insert(0, sys.argv[1])
     from aot_kernels import compile_case
 
-    case, cc, dtype, cap = sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-    k = compile_case(case, cc, dtype, cap, jit_like=False)
-    ptx = k.asm["ptx"]
-    print(json.dumps(dict(ptx=len(ptx), cubin=len(k.asm["cubin"]), target=f".target sm_{cc}" in ptx,
-                          local=ptx.count("st.local"), shared=k.metadata.shared)))
+    case, arch, dtype, cap = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    if arch.startswith("gfx"):       # AMD: the workgroup size the code was built for
+        k = compile_case(case, arch, dtype, cap, jit_like=False)
+        asm = k.asm["amdgcn"]
+        target = re.search(r'\.amdgcn_target\s+"[^"]*-' + arch + r'\b', asm) is not None
+        most = int(re.search(r"\.max_flat_workgroup_size:\s*(\d+)", asm).group(1))
+        code, binary = asm, k.asm["hsaco"]
+    else:
+        k = compile_case(case, int(arch), dtype, cap, jit_like=False)
+        code, binary = k.asm["ptx"], k.asm["cubin"]
+        target, most = f".target sm_{arch}" in code, 1024
+    print(json.dumps(dict(code=len(code), binary=len(binary), target=target, shared=k.metadata.shared,
+                          threads=k.metadata.num_warps * k.metadata.warp_size, most_threads=most)))
 """)
 
 
-def _compile(case: str, cc: int, dtype: str, cap: int = 128) -> dict:
+def _compile(case: str, cc: int | str, dtype: str, cap: int = 128) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, BENCH_DIR, case, str(cc), dtype, str(cap)],
                           env=env, capture_output=True, text=True, timeout=600)
@@ -52,8 +61,21 @@ from aot_kernels import CASES  # noqa: E402  (case -> weight dtype; imports no T
 @pytest.mark.parametrize("case,dtype", list(CASES.items()), ids=[f"{c}-{d}" for c, d in CASES.items()])
 def test_kernel_compiles_for_cuda(case, dtype, cc):
     info = _compile(case, cc, dtype)
-    assert info["ptx"] > 0 and info["cubin"] > 0, info
+    assert info["code"] > 0 and info["binary"] > 0, info
     assert info["target"], f"PTX not for sm_{cc}: {info}"
+    assert info["threads"] <= info["most_threads"], info
+
+
+@pytest.mark.parametrize("arch", ["gfx942"])
+@pytest.mark.parametrize("case,dtype", list(CASES.items()), ids=[f"{c}-{d}" for c, d in CASES.items()])
+def test_kernel_compiles_for_amd(case, dtype, arch):
+    """With the launch options the launcher gives a 64-lane AMD GPU (ops.refine: no register
+    cap, at most 16 warps): a launch on 32 warps (the row kernel's choice for 16384-wide rows
+    with 32-lane warps) would have 2048 threads, twice what the code is built for."""
+    info = _compile(case, arch, dtype)
+    assert info["code"] > 0 and info["binary"] > 0, info
+    assert info["target"], f"code not for {arch}: {info}"
+    assert info["threads"] <= info["most_threads"], info
 
 
 @pytest.mark.parametrize("case,dtype,cap", [("select-unstructured", "fp16", 1024), ("stream-unstructured", "fp16", 1024),

@@ -321,6 +321,39 @@ def test_cycle_limit_from_shared_memory(monkeypatch, gpu, optin, unstructured_ma
     assert launcher.limit_reason(10 ** 6, 16384, False, torch.device("cpu")) is None   # interpreter
 
 
+def test_launch_fits_amd_gpus(monkeypatch):
+    """A ROCm torch calls an AMD GPU a "cuda" device, and Triton runs its 64-lane wavefronts as
+    warps. The launcher must then keep a program within 1024 threads (16 warps: the row kernel
+    takes 32 of NVIDIA's for 16384-wide rows), pass no ``maxnreg`` (Triton's AMD backend has
+    none: the launch raises KeyError) and give each streamed key one owner (chunk >= threads).
+    The kernels compile for gfx942 (test_triton_compile.py) but have never run on an AMD GPU."""
+    from types import SimpleNamespace
+    from dsnot_kernels.ops import refine as launcher
+    cuda = torch.device("cuda")
+    assert launcher.warp_size(torch.device("cpu")) == 32
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(warp_size=64))
+    assert launcher.warp_size(cuda) == 64
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace())
+    assert launcher.warp_size(cuda) == 32          # an older torch without the field: NVIDIA's
+    assert [launcher._num_warps(b, False, 32) for b in (1024, 4096, 16384)] == [4, 8, 32]
+    assert [launcher._num_warps(b, False, 64) for b in (1024, 4096, 16384)] == [4, 8, 16]
+    assert launcher.stream_chunk(16, 4096, 1, 4 * 64) == 256       # one owner per key
+    assert launcher.stream_chunk(1000, 4096, 1, 4 * 64) == 1024
+    assert launcher.stream_chunk(4096, 100, 1, 0) == 128           # at most the padded row
+    assert launcher.stream_chunk(16, 4096, 64, 0) == 64            # at least one N:M group
+    monkeypatch.setattr(launcher, "INTERPRET", False)
+    assert launcher.launch_options(4, capped=True)["maxnreg"] == launcher.STREAM_MAXNREG
+    assert "maxnreg" not in launcher.launch_options(4, capped=False)
+    monkeypatch.setattr(launcher, "REGISTER_CAP_OPTION", False)     # as on a ROCm torch
+    assert launcher.launch_options(4, capped=True) == {"num_warps": 4, "enable_fp_fusion": False}
+    monkeypatch.setattr(launcher, "INTERPRET", True)
+    monkeypatch.setattr(launcher, "warp_size", lambda device: 64)
+    weight, stats = make_layer(2, 64, torch.float32, seed=0)
+    problem, _ = dk.build_problem(weight, stats, dk.RefineConfig())
+    with pytest.raises(ValueError, match="num_warps=32 exceeds 1024 threads .* at most 16"):
+        launcher.refine_triton(problem, num_warps=32)
+
+
 def test_groups_too_wide_for_triton():
     """N:M groups wider than TRITON_MAX_GROUP (64) are refused before any launch, by
     available_backends too (the driver checks it before any work); auto takes another backend."""

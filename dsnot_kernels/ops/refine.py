@@ -34,6 +34,10 @@ JOINT_MAX_COLS = 65535     # the joint queue search counts whole rows in 16-bit 
 # (benchmarks/aot_kernels.py; none inside them)
 STREAM_MAXNREG = 128
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton's AMD backend (a ROCm build of torch, whose GPUs are "cuda" devices too) has no
+# register cap: a launch that passes ``maxnreg`` raises KeyError there
+REGISTER_CAP_OPTION = torch.version.hip is None
+MAX_THREADS = 1024         # threads per program (block / workgroup) on NVIDIA and AMD GPUs
 
 
 def _check(problem: RefineProblem) -> None:
@@ -109,6 +113,33 @@ def _stream_programs(device: torch.device, per_sm: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count * max(1, int(per_sm))
 
 
+def warp_size(device: torch.device) -> int:
+    """Threads per warp of ``device``: 32 on NVIDIA GPUs (and under the interpreter), 64 on
+    AMD's datacenter GPUs (ROCm; Triton runs their 64-lane wavefronts as warps)."""
+    if device.type != "cuda":
+        return 32
+    return int(getattr(torch.cuda.get_device_properties(device), "warp_size", 32))
+
+
+def stream_chunk(chunk: int, cols: int, group: int, threads: int) -> int:
+    """Columns per pass of the streamed kernel (its ``CHUNK``): ``chunk`` rounded up to a power
+    of two, at most the padded row, at least one N:M group of ``group`` (padded) columns, and
+    at least the program's ``threads`` (pass 0 under the interpreter, which runs one thread):
+    a chunk narrower than the threads is replicated across them, and the mask pass reads then
+    overwrites each key, so every key needs exactly one owner."""
+    return max(group, min(pow2(chunk), pow2(cols)), threads)
+
+
+def launch_options(warps: int, capped: bool) -> dict:
+    """Triton launch options of a kernel: ``warps`` warps, no multiply-add contraction
+    (the reference's rounding), and where ``capped`` the streamed kernel's register cap
+    ``STREAM_MAXNREG`` -- on GPUs whose Triton backend has one (NVIDIA's)."""
+    options = {"num_warps": warps, "enable_fp_fusion": False}
+    if capped and REGISTER_CAP_OPTION and not INTERPRET:
+        options["maxnreg"] = STREAM_MAXNREG
+    return options
+
+
 def stream_mask_chunk(chunk: int, warps: int, nm: bool) -> int:
     """Columns per tile of the streamed kernel's mask pass (its ``MASK_CHUNK``): the chunk for
     N:M; for unstructured rows at most 4 per thread, as at 8 its values and predicates
@@ -124,13 +155,14 @@ def _joint_search(queue_search: str, cols: int) -> bool:
     return queue_search != "serial" and cols <= JOINT_MAX_COLS
 
 
-def _num_warps(block: int, nm: bool) -> int:
-    # about 16 elements per thread per row tensor: 8 warps at in = 4096, 32 at in = 16384;
+def _num_warps(block: int, nm: bool, warp: int = 32) -> int:
+    # about 16 elements per thread per row tensor: 8 warps at in = 4096, 32 at in = 16384
+    # (16 of AMD's 64-lane warps: a program has at most MAX_THREADS threads);
     # N:M rows of <= 4096 ran best on 4 (H100 num_warps sweep; auto sends N:M to the streamed
     # kernel now, so this applies to select="rows")
     if nm and block <= 4096:
         return 4
-    return max(4, min(32, block // 512))
+    return max(4, min(MAX_THREADS // warp, block // 512))
 
 
 def _on_weight_device(fn):
@@ -183,6 +215,10 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
         raise ValueError(f"queue_search must be 'auto', 'joint' or 'serial', got {queue_search!r}")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps}")
+    warp = warp_size(problem.weight.device)
+    if num_warps is not None and num_warps * warp > MAX_THREADS:
+        raise ValueError(f"num_warps={num_warps} exceeds {MAX_THREADS} threads per program on "
+                         f"this GPU, whose warps have {warp} threads: use at most {MAX_THREADS // warp}")
     if select == "auto":
         knobs = (num_warps, block_rows, programs_per_sm, chunk, queue_search, row_programs_per_sm)
         if knobs == (None, None, 8, 1024, "auto", 0) and launch_tuning.applies(problem):
@@ -226,11 +262,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
     if select == "stream":
         nprog = min(rows, _stream_programs(device, programs_per_sm))
         warps = num_warps or 4
-        chunk = max(mpad if nm else 1, min(pow2(chunk), pow2(cols)))
-        if not INTERPRET:
-            # a chunk narrower than the program's threads is replicated across them, and the
-            # mask pass reads then overwrites each key: one owner per key needs chunk >= threads
-            chunk = max(chunk, 32 * warps)
+        chunk = stream_chunk(chunk, cols, mpad if nm else 1, 0 if INTERPRET else warp * warps)
         keys = torch.empty(nprog, cols, dtype=torch.int32, device=device)
         sets = torch.empty(nprog, cols, dtype=torch.int8, device=device)
         lines = torch.empty(nprog, nq * cap, dtype=torch.int64, device=device)
@@ -245,8 +277,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
             IS_NM=nm, N=n, M=max(m, 1), MPAD=mpad,
             HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
             NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, CHUNK=chunk, MASK_CHUNK=stream_mask_chunk(chunk, warps, nm), JOINT=joint,
-            num_warps=warps, enable_fp_fusion=False,
-            **({"maxnreg": STREAM_MAXNREG} if not nm and warps >= 4 and not INTERPRET else {}),
+            **launch_options(warps, capped=not nm and warps >= 4),
         )
     else:
         scratch = torch.empty(rows, nq * cap, dtype=torch.int64, device=device)
@@ -265,7 +296,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
             HAS_MASK=imask is not None, HAS_SCORE=iscore is not None,
             NQ=nq, TPAD=tpad, CAP=cap, STORE_A=store_a, JOINT=joint,
             SEEDED=seeded,
-            num_warps=num_warps or _num_warps(block, nm), enable_fp_fusion=False,
+            **launch_options(num_warps or _num_warps(block, nm, warp), capped=False),
         )
     if cycles == 0:
         error_before = e0.to(torch.float32)
@@ -290,7 +321,7 @@ def refine_triton(problem: RefineProblem, cap: int = DEFAULT_CAP,
         SIGN_CHECK=bool(problem.sign_check), IMPROVE_CHECK=bool(problem.improve_check),
         MOMENT_CHECK=bool(problem.moment_check),
         NQ=nq, TPAD=tpad, HPAD=hpad, BLOCK_R=block_r,
-        num_warps=4 if block_r >= 128 else 1 if block_r <= 32 else 2, enable_fp_fusion=False,
+        **launch_options(4 if block_r >= 128 else 1 if block_r <= 32 else 2, capped=False),
     )
     return RefineOutput(mask, swaps, error_before, error_after)
 
