@@ -381,3 +381,22 @@ def test_bench_prune_bad_arguments(argv, message, capsys, monkeypatch):
     with pytest.raises(SystemExit) as info:
         bench_prune.main(["--device", "cpu", *argv])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_arch_sweep_checks_each_architecture_in_a_child(tmp_path, capsys):
+    """The architecture sweep prunes a tiny Llama with the driver's perplexities equal to the
+    whole model's, reports XLM's refusal with its reason, and writes its results."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import arch_sweep
+    assert arch_sweep.main(["--only", "llama,xlm", "--out", str(tmp_path)]) == 0
+    stem = next(tmp_path.glob("arch_sweep-transformers-*.json"))
+    summary = json.loads(stem.read_text())
+    llama, xlm = summary["architectures"]["llama"], summary["architectures"]["xlm"]
+    assert summary["complete"] is True and summary["counts"]["ok"] == 1 and summary["counts"]["refused"] == 1
+    assert llama["status"] == "ok" and llama["ppl_driver"] == pytest.approx(llama["ppl_whole"], rel=1e-4)
+    assert llama["ppl_dense_driver"] == pytest.approx(llama["ppl_dense_whole"], rel=1e-4) and llama["sparsity"] == 0.5
+    assert xlm["status"] == "refused" and "changes the hidden states between its decoder layers" in xlm["why"]
+    assert len(stem.with_suffix(".csv").read_text().splitlines()) == 3
+    assert arch_sweep.main(["--only", "llama,no_such_model", "--out", str(tmp_path)]) == 2
+    assert "--only: no_such_model: not a causal-LM model type" in capsys.readouterr().err

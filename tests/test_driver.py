@@ -21,7 +21,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 import dsnot_kernels as dk  # noqa: E402
 from dsnot_prune import cli  # noqa: E402
-from dsnot_prune.layerwise import _Injector, _Swapped, capture, head_logits_nll, propagate  # noqa: E402
+from dsnot_prune.layerwise import _Injector, _Swapped, _same, capture, head_logits_nll, propagate  # noqa: E402
 from dsnot_prune.models import DriverError, find_decoder_layers, find_linears, is_skipped, sublayer_kind  # noqa: E402
 from dsnot_prune.pipeline import PruneArgs, run  # noqa: E402
 
@@ -85,6 +85,11 @@ def _config(kind: str):
             n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=2,
             kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, head_dim=8,
             n_group=1, topk_group=1, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "bart":      # an encoder-decoder's causal LM: num_hidden_layers is the encoder's count (3)
+        return transformers.BartForCausalLM, transformers.BartConfig(
+            vocab_size=VOCAB, d_model=64, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
     if kind == "gpt_neox":
         return transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig(
             **common, intermediate_size=128, num_hidden_layers=2)
@@ -407,10 +412,12 @@ def test_weights_left_dense_are_reported(text_file, tokenizer, capsys):
     ("mllama", [f"{name} (layer 1)" for name in ("cross_attn.k_proj", "cross_attn.o_proj", "cross_attn.q_proj",
                                                  "cross_attn.v_proj", "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj")]),
     ("deepseek_v3", []),                               # kv_b_proj's [batch, 1, seq, rank] input is one row per token
+    ("bart", [f"encoder_attn.{name}" for name in ("k_proj", "out_proj", "q_proj", "v_proj")]),   # no encoder: not called
 ])
 def test_pipeline_on_unusual_layers(kind, left_dense, text_file, tokenizer):
     """Layers that pass [4, batch, seq, hidden] (Gemma 3n), return a tuple the model unpacks
-    (Bamba), are skipped on text (Mllama), or feed a linear a 4-D input (DeepSeek's MLA): every
+    (Bamba), are skipped on text (Mllama), feed a linear a 4-D input (DeepSeek's MLA), or are
+    fewer than the config's num_hidden_layers (BART's causal LM: the decoder alone): every
     weight matrix in one report entry, what stays dense named, and the perplexity the run
     reports equals the whole model's on the same windows."""
     model = make_model(kind)
@@ -515,6 +522,51 @@ def test_layers_whose_outputs_the_model_unpacks():
     carrying = _PairLM(carry=True)
     with pytest.raises(DriverError, match="passes one of them to the next layer"):
         capture(carrying, carrying.layers, batches, torch.device("cpu"))
+
+
+class _BetweenLM(_ToyLM):
+    """A model that changes the hidden states between its layers (as XLM, whose residuals and
+    norms sit outside the ModuleList of attention blocks), out of place or in place."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__(lambda i: _PairLayer(carry=False))
+        self.norm, self.in_place = torch.nn.LayerNorm(8), in_place
+
+    def forward(self, input_ids, use_cache=False):
+        hidden = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden)[0]
+            if i == 1:
+                if self.in_place:
+                    hidden.mul_(0.5)
+                else:
+                    hidden = self.norm(hidden)
+        return SimpleNamespace(logits=self.head(hidden))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_model_that_changes_hidden_states_between_layers_is_refused(in_place):
+    """Running the layers one at a time would skip what the model does between them: refused,
+    naming the two layers, and the model's layers are put back."""
+    model = _BetweenLM(in_place)
+    batches, _ = _toy_batches_and_nlls(model)
+    with pytest.raises(DriverError, match="changes the hidden states between its decoder layers 1 and 2"):
+        capture(model, model.layers, batches, torch.device("cpu"))
+    assert all(isinstance(layer, _PairLayer) for layer in model.layers)
+    nan = torch.tensor([1.0, float("nan")])          # overflowed activations are not a change
+    assert _same(nan, nan.clone()) and not _same(nan, torch.tensor([1.0, 0.0])) and not _same(nan, nan.half())
+
+
+def test_unlimited_positions_are_not_a_limit(text_file):
+    """XLNet's config says max_position_embeddings=-1 (no limit): no --seqlen is refused for it,
+    while a real limit still is."""
+    from dsnot_prune.pipeline import check_model
+    model = make_model("llama")
+    model.config.max_position_embeddings = -1
+    check_model(model, _args(text_file, seqlen=100000))
+    model.config.max_position_embeddings = 64
+    with pytest.raises(DriverError, match="--seqlen 100 exceeds the model's max_position_embeddings=64"):
+        check_model(model, _args(text_file, seqlen=100))
 
 
 def test_a_model_with_nothing_to_prune_is_an_error(text_file, tokenizer):

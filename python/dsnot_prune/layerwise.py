@@ -15,6 +15,9 @@ larger than the device's memory still prunes and evaluates. Two tricks keep this
   never calls (Mllama's cross-attention layers, on text) is passed over (except the first
   layer, which must be called); a layer output the
   model hands to the next layer (state) cannot be replayed from recorded arguments: refused.
+  So is a model that changes the hidden states between two layers (XLM's residual, norms and
+  feed-forward sit outside the ``ModuleList`` the driver finds): on the first batch every
+  recorder checks that it receives exactly what the previous one returned.
 - **head**: to turn the last layer's output into logits, the layers are replaced by injectors
   that pass their input through, except the last, which returns the stored final hidden states;
   the model's own final norm, head and logit soft-capping then run unchanged.
@@ -61,11 +64,16 @@ def as_layer_output(hidden: torch.Tensor, cap: Captured):
 
 class _Plan:
     """What the recorders do on the current pass: the layer whose recorder stops the forward
-    (-1: the first one after layer 0), and the extra outputs layer 0's stand-in returns."""
+    (-1: the first one after layer 0), the extra outputs layer 0's stand-in returns, and
+    whether to check the chain of hidden states (``handed``: the last recorder's index and a
+    copy of what it returned; ``broken``: the first pair of layers between which it changed)."""
 
     def __init__(self) -> None:
         self.stop_at = 0
         self.extras: Optional[tuple] = None
+        self.check_chain = False
+        self.handed: Optional[Tuple[int, torch.Tensor]] = None
+        self.broken: Optional[Tuple[int, int]] = None
 
 
 def _split_hidden(args: tuple, kwargs: dict):
@@ -92,6 +100,14 @@ class _Stub(nn.Module):
             return getattr(replaced, name)
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes, dtypes and values, NaN equal to NaN (a model whose activations overflow is
+    not one that changes them between its layers)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 class _Recorder(_Stub):
     def __init__(self, index: int, plan: _Plan, sink: "Captured"):
         super().__init__()
@@ -106,6 +122,13 @@ class _Recorder(_Stub):
         self.sink.calls[self.index].append((args, kwargs))
         if self.index == 0:
             self.sink.hidden.append(hidden)
+        if self.plan.check_chain:
+            # replaying layer by layer is exact only if the model hands each layer the
+            # previous layer's output unchanged (a copy: the model may change it in place)
+            handed = self.plan.handed
+            if handed is not None and self.plan.broken is None and not _same(hidden, handed[1]):
+                self.plan.broken = (handed[0], self.index)
+            self.plan.handed = (self.index, hidden.clone())
         if self.index == self.plan.stop_at or (self.plan.stop_at == -1 and self.index > 0):
             raise _Stop
         if self.plan.extras is not None and self.index == 0:
@@ -159,9 +182,16 @@ def capture(model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Ten
         if batches and first_layer is not None:
             _learn_output_form(model, first_layer, plan, cap, batches[0], device)
         plan.stop_at = n - 1
-        for ids in batches:
+        for b, ids in enumerate(batches):
+            plan.check_chain, plan.handed = b == 0, None
             _forward(model, ids, device)
             cap.tokens.append((int(ids.shape[0]), int(ids.shape[1])))
+        plan.check_chain, plan.handed = False, None
+    if plan.broken is not None:
+        before, after = plan.broken
+        raise DriverError(f"{type(model).__name__}: the model changes the hidden states between its decoder layers "
+                          f"{before} and {after} (e.g. a norm or residual outside the layers of the ModuleList "
+                          f"found), so running the layers one at a time would not compute the model")
     counts = [len(calls) for calls in cap.calls]
     if counts and (counts[0] != len(batches) or any(c not in (0, len(batches)) for c in counts)):
         raise DriverError(f"{type(model).__name__}: its decoder layers were not called once per batch "

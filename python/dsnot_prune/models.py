@@ -217,7 +217,9 @@ def num_layers(model: nn.Module) -> Optional[int]:
     if config is None:
         return None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+    # decoder_layers first: the causal LMs made from encoder-decoder models (BART, Marian, ...)
+    # hold only the decoder, and their num_hidden_layers means the encoder's layer count
+    for key in ("decoder_layers", "num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(text, key, None)
         if isinstance(value, int):
             return value
@@ -227,8 +229,9 @@ def num_layers(model: nn.Module) -> Optional[int]:
 def find_decoder_layers(model: nn.Module) -> Tuple[str, nn.ModuleList]:
     """``(name, ModuleList)`` of the decoder layers.
 
-    Prefers a ``ModuleList`` with ``num_hidden_layers`` entries that contain ``nn.Linear``
-    modules; among candidates, the one holding the most parameters.
+    Prefers a ``ModuleList`` with ``num_layers(model)`` entries (``decoder_layers``, else
+    ``num_hidden_layers``, ...) that contain ``nn.Linear`` modules; among candidates, the one
+    holding the most parameters.
     """
     want = num_layers(model)
     best = None

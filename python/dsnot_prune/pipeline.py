@@ -685,7 +685,7 @@ def check_model(model: nn.Module, args: PruneArgs) -> None:
     check_pattern(layers, layers_name, args.refine_config())
     check_skip(layers, layers_name, parse_skip(args.skip_policy()))
     max_len = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(max_len, int) and args.seqlen > max_len:
+    if isinstance(max_len, int) and 0 < max_len < args.seqlen:      # XLNet says -1: no limit
         raise DriverError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings={max_len}")
 
 
