@@ -3,9 +3,9 @@
 For every architecture in the installed transformers' causal-LM mapping (or those named with
 ``--only``), a child process builds a tiny random model of it (every size in the default
 config shrunk: ``SMALL``), runs the driver on it (50% unstructured, DSnoT, the ``torch``
-backend, a small corpus and a byte-level BPE tokenizer trained on it here) and compares the
-dense and pruned perplexities the driver measured layer by layer with plain whole-model forward
-passes on the same windows. Each architecture ends as one of:
+backend, the driver tests' small corpus and byte-level BPE tokenizer from ``tests/helpers.py``)
+and compares the dense and pruned perplexities the driver measured layer by layer with plain
+whole-model forward passes on the same windows. Each architecture ends as one of:
 
 - ``ok``: both perplexities equal the whole model's (relative 1e-4);
 - ``mismatch``: they differ: the layer-by-layer run does not compute the model (a bug);
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import resource
 import subprocess
 import sys
@@ -37,10 +36,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))    # the driver tests' tiny text and tokenizer
 
-VOCAB = 320
-WORDS = ("the a of to in and model layer weight mask prune sparse error row column swap grow "
-         "calibration token news market river city people said year government police fire").split()
+from helpers import VOCAB, train_tokenizer, whole_model_ppl, write_corpus  # noqa: E402
 # Every size a default config may carry, shrunk (set only where the config has the attribute).
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=512,
@@ -77,20 +75,6 @@ def tiny_config(model_type: str):
     return config
 
 
-def whole_model_ppl(model, windows, batch_size: int) -> float:
-    """``exp`` of the mean over windows of each window's mean next-token NLL, from plain forwards."""
-    import torch
-    nlls = []
-    with torch.no_grad():
-        for ids in torch.split(windows, batch_size):
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            target = ids[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                     reduction="none").view(target.shape)
-            nlls += loss.mean(1).double().tolist()
-    return math.exp(sum(nlls) / len(nlls))
-
-
 def child(model_type: str, corpus: str, tokenizer_dir: str, mem_gb: float) -> dict:
     """One architecture, in this (child) process: a result dict with ``status``."""
     resource.setrlimit(resource.RLIMIT_AS, (int(mem_gb * 2**30),) * 2)
@@ -125,25 +109,6 @@ def child(model_type: str, corpus: str, tokenizer_dir: str, mem_gb: float) -> di
             "ppl_dense_whole": dense, "ppl_driver": report["ppl"], "ppl_whole": pruned,
             "sparsity": report["sparsity"], "pruned_share": report["pruned_share_of_decoder_weights"],
             "left_dense": report["left_dense"]}
-
-
-def make_corpus_and_tokenizer(folder: Path) -> tuple:
-    """A 400-line corpus of ``WORDS`` and a byte-level BPE tokenizer (vocab ``VOCAB``) trained on it."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + "." for _ in range(400)]
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(lines), encoding="utf-8")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train([str(corpus)], trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                 special_tokens=["<eos>"], show_progress=False))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
-    tokenizer.model_max_length = int(1e12)
-    tokenizer.save_pretrained(str(folder / "tokenizer"))
-    return str(corpus), str(folder / "tokenizer")
 
 
 def run_one(model_type: str, corpus: str, tokenizer_dir: str, timeout: float, mem_gb: float) -> dict:
@@ -197,7 +162,9 @@ def main(argv=None) -> int:
     stem = f"arch_sweep-transformers-{transformers.__version__}"
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        corpus, tokenizer_dir = make_corpus_and_tokenizer(Path(tmp))
+        corpus = write_corpus(Path(tmp) / "corpus.txt")
+        tokenizer_dir = str(Path(tmp) / "tokenizer")
+        train_tokenizer(corpus).save_pretrained(tokenizer_dir)
         for i, model_type in enumerate(wanted, 1):
             result = run_one(model_type, corpus, tokenizer_dir, args.timeout, args.mem_gb)
             results[model_type] = result

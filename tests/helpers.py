@@ -1,5 +1,10 @@
-"""Problem generators and a verbose comparison used by the backend parity tests."""
+"""Problem generators and a verbose comparison used by the backend parity tests, and the tiny
+text, tokenizer and whole-model perplexity of the driver tests (and ``benchmarks/arch_sweep.py``)."""
 from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
 
 import torch
 
@@ -8,6 +13,47 @@ from dsnot_kernels.api import build_problem
 from dsnot_kernels.reference import refine_reference
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VOCAB = 320                 # the tiny models' vocabulary, and the tokenizer's most tokens
+WORDS = ("the a of to in and model layer weight mask prune sparse error row column swap grow "
+         "calibration token news market river city people said year government police fire").split()
+
+
+def write_corpus(path: Path) -> str:
+    """400 lines of random ``WORDS`` at ``path`` (the same each time); returns the path."""
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + "."
+             for _ in range(400)]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return str(path)
+
+
+def train_tokenizer(corpus: str):
+    """A byte-level BPE tokenizer of at most ``VOCAB`` tokens (``<eos>`` among them) trained on ``corpus``."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"], show_progress=False)
+    tok.train([corpus], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    fast.model_max_length = int(1e12)
+    return fast
+
+
+@torch.no_grad()
+def whole_model_ppl(model, windows: torch.Tensor, batch_size: int) -> float:
+    """``exp`` of the mean over ``windows`` [n, seq] of each window's mean next-token NLL, from
+    plain whole-model forwards (what the driver's layer-by-layer perplexity must equal)."""
+    nlls = []
+    for ids in torch.split(windows, batch_size):
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        target = ids[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 reduction="none").view(target.shape)
+        nlls += loss.mean(1).double().tolist()
+    return math.exp(sum(nlls) / len(nlls))
 
 
 def make_layer(out_features: int, in_features: int, dtype=torch.float32, seed: int = 0,

@@ -24,10 +24,9 @@ from dsnot_prune import cli  # noqa: E402
 from dsnot_prune.layerwise import _Injector, _Swapped, _same, capture, head_logits_nll, propagate  # noqa: E402
 from dsnot_prune.models import DriverError, find_decoder_layers, find_linears, is_skipped, sublayer_kind  # noqa: E402
 from dsnot_prune.pipeline import PruneArgs, run  # noqa: E402
+from helpers import VOCAB, train_tokenizer, whole_model_ppl, write_corpus  # noqa: E402
 
-VOCAB = 320
-WORDS = ("the a of to in and model layer weight mask prune sparse error row column swap grow "
-         "calibration token news market river city people said year government police fire").split()
+
 
 
 def _config(kind: str):
@@ -105,25 +104,12 @@ def make_model(kind: str, dtype=torch.float32, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + "."
-             for _ in range(400)]
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return str(path)
+    return write_corpus(tmp_path_factory.mktemp("text") / "corpus.txt")
 
 
 @pytest.fixture(scope="module")
 def tokenizer(text_file):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"], show_progress=False)
-    tok.train([text_file], trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    fast.model_max_length = int(1e12)
+    fast = train_tokenizer(text_file)
     assert len(fast) <= VOCAB
     return fast
 
@@ -431,11 +417,7 @@ def test_pipeline_on_unusual_layers(kind, left_dense, text_file, tokenizer):
     from dsnot_prune import data as data_mod
     plan = data_mod.plan_text("news", text_file, text_file)
     windows = data_mod.evaluation_windows(plan, tokenizer, 32, 4, lambda *a: None)
-    with torch.no_grad():
-        logits = model(input_ids=windows, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:],
-                                                reduction="none").mean(1).double().mean()
-    assert report["ppl"] == pytest.approx(float(nll.exp()), rel=1e-4)
+    assert report["ppl"] == pytest.approx(whole_model_ppl(model, windows, len(windows)), rel=1e-4)
 
 
 def test_tied_weights_are_pruned_once(text_file, tokenizer):

@@ -186,7 +186,6 @@ def capture(model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Ten
             plan.check_chain, plan.handed = b == 0, None
             _forward(model, ids, device)
             cap.tokens.append((int(ids.shape[0]), int(ids.shape[1])))
-        plan.check_chain, plan.handed = False, None
     if plan.broken is not None:
         before, after = plan.broken
         raise DriverError(f"{type(model).__name__}: the model changes the hidden states between its decoder layers "
