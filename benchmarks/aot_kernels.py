@@ -112,9 +112,8 @@ def kernel_spec(case: str, dtype: str, cap: int = 128, warp: int = 32, nvidia: b
         sig = dict(x_ptr=w, out_ptr="*fp64", seq="i32", width="i32", stride_b="i32", stride_t="i32")
         const = dict(BLOCK_T=32, BLOCK_C=64)
     sig.update({k: "constexpr" for k in const})
-    options = launch_options(warps, capped=case.startswith("stream-unstructured") and warps >= 4)
-    if not nvidia:
-        options.pop("maxnreg", None)     # as on a ROCm torch (ops.refine.REGISTER_CAP_OPTION)
+    # as the launcher caps it; AMD's Triton backend has no register cap (ops.refine.REGISTER_CAP_OPTION)
+    options = launch_options(warps, capped=case.startswith("stream-unstructured") and warps >= 4 and nvidia)
     return fn, sig, const, options
 
 
