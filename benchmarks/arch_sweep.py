@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))    # the driver tests' tiny text and tokenizer
 
 from helpers import VOCAB, train_tokenizer, whole_model_ppl, write_corpus  # noqa: E402
+
 # Every size a default config may carry, shrunk (set only where the config has the attribute).
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=512,

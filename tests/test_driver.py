@@ -27,8 +27,6 @@ from dsnot_prune.pipeline import PruneArgs, run  # noqa: E402
 from helpers import VOCAB, train_tokenizer, whole_model_ppl, write_corpus  # noqa: E402
 
 
-
-
 def _config(kind: str):
     common = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4)
     if kind == "llama":
