@@ -645,7 +645,7 @@ def test_driver_equals_naive_whole_model_pruning(kind, text_file, tokenizer):
     _, layers = find_decoder_layers(naive)
     for layer in layers:
         linears = find_linears(layer)
-        accs, seen = {}, {}
+        accs = {}
 
         def hook(name):
             def fn(module, inp):
