@@ -22,7 +22,8 @@ tokenizers = pytest.importorskip("tokenizers")
 import dsnot_kernels as dk  # noqa: E402
 from dsnot_prune import cli  # noqa: E402
 from dsnot_prune.layerwise import _Injector, _Swapped, _same, capture, head_logits_nll, propagate  # noqa: E402
-from dsnot_prune.models import DriverError, find_decoder_layers, find_linears, is_skipped, sublayer_kind  # noqa: E402
+from dsnot_prune.models import (DriverError, find_decoder_layers, find_linears, is_skipped, sublayer_kind,  # noqa: E402
+                                weight_matrix)
 from dsnot_prune.pipeline import PruneArgs, run  # noqa: E402
 from helpers import VOCAB, train_tokenizer, whole_model_ppl, write_corpus  # noqa: E402
 
@@ -90,6 +91,9 @@ def _config(kind: str):
     if kind == "gpt_neox":
         return transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig(
             **common, intermediate_size=128, num_hidden_layers=2)
+    if kind == "gpt2":      # Conv1D sublayers (weights stored [in, out]); one fused c_attn for q/k/v
+        return transformers.GPT2LMHeadModel, transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     raise ValueError(kind)
 
 
@@ -130,7 +134,7 @@ def _check_sparsity(model, pattern: str, sparsity: float):
     linears = _decoder_linears(model)
     assert linears
     for name, lin in linears.items():
-        zero = lin.weight.detach() == 0
+        zero = weight_matrix(lin).detach() == 0
         rows, cols = zero.shape
         if m:
             per_group = zero.reshape(rows, cols // m, m).sum(-1)
@@ -151,7 +155,7 @@ def _logits(model, tokenizer, text_file):
 # layer-wise execution equals the whole model
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "opt", "qwen3", "mistral", "gemma2", "phi3", "gpt_neox",
-                                  "gemma3n", "bamba", "mllama", "deepseek_v3"])
+                                  "gemma3n", "bamba", "mllama", "deepseek_v3", "gpt2"])
 def test_layerwise_forward_equals_model_forward(kind):
     """Capture + layer-by-layer propagation + the model's own head give the model's logits."""
     model = make_model(kind)
@@ -246,6 +250,27 @@ def test_layer_and_sublayer_discovery():
     assert is_skipped("self_attn.o_proj", ["mlp", "o_proj"])
 
 
+def test_gpt2_conv1d_sublayers_are_found_as_out_in_views():
+    """GPT-2's Conv1D stores its weight [in, out]: the driver finds it as a sublayer and refines
+    the transposed view [out, in], whose writes land in the layer's own weight."""
+    model = make_model("gpt2")
+    name, layers = find_decoder_layers(model)
+    assert name == "transformer.h" and len(layers) == 2
+    subs = find_linears(layers[0])
+    assert list(subs) == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert [sublayer_kind(n) for n in subs] == ["attn", "attn", "mlp", "mlp"]
+    c_attn = subs["attn.c_attn"]
+    assert tuple(c_attn.weight.shape) == (64, 192)              # [in, out] as stored
+    view = weight_matrix(c_attn)
+    assert tuple(view.shape) == (192, 64) and view.data_ptr() == c_attn.weight.data_ptr()
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(c_attn(x), x @ view.T + c_attn.bias)   # the [out, in] a linear layer uses
+    mask = torch.zeros(192, 64, dtype=torch.bool)
+    mask[5, 7] = True
+    dk.apply_mask_(view, mask)
+    assert c_attn.weight[7, 5] == 0 and int((c_attn.weight == 0).sum()) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # the pipeline on each architecture
 # --------------------------------------------------------------------------------------------
@@ -262,6 +287,8 @@ CASES = [
     pytest.param("opt", "2:4", "magnitude", torch.float32, id="opt-2:4-magnitude-fp32"),
     pytest.param("phi3", "unstructured", "wanda", torch.float32, id="phi3-unstructured-wanda-fp32"),
     pytest.param("gpt_neox", "2:4", "wanda", torch.float32, id="gpt_neox-2:4-wanda-fp32"),
+    pytest.param("gpt2", "unstructured", "wanda", torch.float32, id="gpt2-unstructured-wanda-fp32"),
+    pytest.param("gpt2", "2:4", "sparsegpt", torch.float32, id="gpt2-2:4-sparsegpt-fp32"),
 ]
 
 
@@ -629,7 +656,38 @@ def test_no_refine_is_the_initial_mask(text_file, tokenizer):
                for e in report["sublayers"])
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_output_error_equals_the_sublayers_own_outputs(kind, text_file, tokenizer):
+    """``--output-error``'s final figures equal the output error computed directly: layer 0's
+    first sublayer (q_proj; GPT-2's Conv1D c_attn), run with its dense and its pruned weight on
+    the calibration tokens' inputs (the normed embeddings, which no pruning changes)."""
+    args = _args(text_file, sparsity=0.5, eval=False, output_error=True)
+    pruned, dense = make_model(kind), make_model(kind)
+    report = run(args, model=pruned, tokenizer=tokenizer)
+
+    from dsnot_prune import data
+    plan = data.plan_text("news", text_file, text_file)
+    samples = data.calibration_tokens(plan, tokenizer, args.nsamples, args.seqlen, args.seed, log=lambda m: None)
+    layers_name, layers = find_decoder_layers(dense)
+    sub_name, sub = next(iter(find_linears(layers[0]).items()))
+    inputs = []
+    handle = sub.register_forward_pre_hook(lambda module, inp: inputs.append(inp[0].reshape(-1, inp[0].shape[-1])))
+    with torch.no_grad():
+        for batch in torch.split(samples, args.batch_size):
+            dense(input_ids=batch, use_cache=False)
+    handle.remove()
+    x = torch.cat(inputs).double()                                   # [tokens, in]
+    pruned_sub = find_linears(find_decoder_layers(pruned)[1][0])[sub_name]
+    delta = (weight_matrix(sub) - weight_matrix(pruned_sub)).detach().double()      # [out, in]
+    assert int((weight_matrix(pruned_sub) == 0).sum()) > 0
+    error = x @ delta.T                                              # [tokens, out]
+    entry = next(e for e in report["sublayers"] if e["name"] == f"{layers_name}.0.{sub_name}")
+    assert entry["out_mse_final"] == pytest.approx(float((error ** 2).mean()), rel=1e-4)
+    assert entry["out_mean_sq_final"] == pytest.approx(float((error.mean(0) ** 2).mean()), rel=1e-4)
+    assert math.isfinite(entry["out_mse_initial"]) and entry["out_mse_initial"] > 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gpt2"])
 def test_driver_equals_naive_whole_model_pruning(kind, text_file, tokenizer):
     """SPEC §6 done the slow obvious way (whole-model forwards, hooks on layer i, layers < i pruned)
     gives exactly the driver's masks."""
@@ -659,7 +717,8 @@ def test_driver_equals_naive_whole_model_pruning(kind, text_file, tokenizer):
             h.remove()
         for name, lin in linears.items():
             layer_cfg = cfg if not is_skipped(name, ["mlp"]) else dk.RefineConfig(**{**cfg.__dict__, "max_cycle_time": 0})
-            dk.apply_mask_(lin, dk.refine(lin, accs[name].finalize(), layer_cfg, backend="torch"))
+            weight = lin.weight if isinstance(lin, torch.nn.Linear) else lin.weight.t()   # Conv1D: [in, out]
+            dk.apply_mask_(weight, dk.refine(weight, accs[name].finalize(), layer_cfg, backend="torch"))
     want, got = _decoder_linears(naive), _decoder_linears(driven)
     assert want.keys() == got.keys()
     for name in want:
@@ -783,18 +842,23 @@ def test_device_and_backend_are_checked_first(argv, match, capsys, tmp_path, tex
 
 
 def test_models_the_driver_cannot_prune(capsys, tmp_path, text_file, tokenizer):
-    """A directory that is no model, and a GPT-2 (Conv1D sublayers): clean errors, nothing saved."""
+    """A directory that is no model, and a model whose decoder layers hold no linear sublayer
+    (here torch's own Conv1d, a real convolution, unlike transformers' Conv1D): clean errors,
+    nothing saved."""
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "out"
     _fails(["--model", str(empty), "--calib-text", text_file, "--eval-text", text_file, "--save", str(out)],
            capsys, "is a directory without config.json")
-    gpt2 = tmp_path / "gpt2"
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256)
-    transformers.GPT2LMHeadModel(config).save_pretrained(str(gpt2))
-    tokenizer.save_pretrained(str(gpt2))
-    _fails(["--model", str(gpt2), "--calib-text", text_file, "--eval-text", text_file, "--save", str(out)],
-           capsys, "GPT-2 style Conv1D layers are not supported")
+    model = make_model("gpt2")
+    for block in model.transformer.h:
+        block.mlp.c_fc = torch.nn.Conv1d(64, 64, 1)
+        block.mlp.c_proj = torch.nn.Conv1d(64, 64, 1)
+        block.attn.c_attn = torch.nn.Conv1d(64, 192, 1)
+        block.attn.c_proj = torch.nn.Conv1d(64, 64, 1)
+    with pytest.raises(DriverError, match=r"GPT2LMHeadModel: found no nn.ModuleList of 2 decoder layers with "
+                                          r"nn.Linear \(or GPT-2 style Conv1D\) sublayers"):
+        run(_args(text_file, save=str(out)), model=model, tokenizer=tokenizer)
     assert not out.exists()
 
 

@@ -2,8 +2,11 @@
 
 Everything model-specific in the driver lives here, and it is generic: the decoder layers are
 the ``nn.ModuleList`` whose length is the config's ``num_hidden_layers`` (``model.layers`` for
-Llama/Qwen/Mistral/Gemma/Phi3, ``model.decoder.layers`` for OPT, ``gpt_neox.layers``...), the
-sublayers are the ``nn.Linear`` modules inside one layer.
+Llama/Qwen/Mistral/Gemma/Phi3, ``model.decoder.layers`` for OPT, ``gpt_neox.layers``,
+``transformer.h`` for GPT-2...), the sublayers are the linear modules inside one layer:
+``nn.Linear``, and transformers' ``Conv1D`` (GPT-2, GPT-SW3, OpenAI GPT), which computes the
+same ``x Wᵀ + b`` from a weight stored transposed, ``[in, out]``. :func:`weight_matrix` gives
+either one's weight as ``[out, in]``.
 """
 from __future__ import annotations
 
@@ -230,8 +233,8 @@ def find_decoder_layers(model: nn.Module) -> Tuple[str, nn.ModuleList]:
     """``(name, ModuleList)`` of the decoder layers.
 
     Prefers a ``ModuleList`` with ``num_layers(model)`` entries (``decoder_layers``, else
-    ``num_hidden_layers``, ...) that contain ``nn.Linear`` modules; among candidates, the one
-    holding the most parameters.
+    ``num_hidden_layers``, ...) that contain linear sublayers (:func:`find_linears`); among
+    candidates, the one holding the most parameters.
     """
     want = num_layers(model)
     best = None
@@ -240,20 +243,48 @@ def find_decoder_layers(model: nn.Module) -> Tuple[str, nn.ModuleList]:
             continue
         if want is not None and len(module) != want:
             continue
-        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+        if not find_linears(module[0]):
             continue
         size = sum(p.numel() for p in module.parameters())
         if best is None or size > best[2]:
             best = (name, module, size)
     if best is None:
-        raise DriverError(f"{type(model).__name__}: found no nn.ModuleList of {want} decoder layers with nn.Linear "
-                          f"sublayers (GPT-2 style Conv1D layers are not supported)")
+        count = f"{want} " if want is not None else ""
+        raise DriverError(f"{type(model).__name__}: found no nn.ModuleList of {count}decoder layers with nn.Linear "
+                          f"(or GPT-2 style Conv1D) sublayers")
     return best[0], best[1]
 
 
-def find_linears(layer: nn.Module) -> Dict[str, nn.Linear]:
-    """The ``nn.Linear`` sublayers of one decoder layer, by name inside the layer, in order."""
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+def _conv1d_class() -> Optional[type]:
+    """transformers' ``Conv1D`` (``pytorch_utils``), or None if transformers is not installed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _is_linear(module: nn.Module, conv1d: Optional[type]) -> bool:
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def find_linears(layer: nn.Module) -> Dict[str, nn.Module]:
+    """The linear sublayers of one decoder layer (``nn.Linear``, and transformers' ``Conv1D``),
+    by name inside the layer, in order."""
+    conv1d = _conv1d_class()
+    return {name: m for name, m in layer.named_modules() if _is_linear(m, conv1d)}
+
+
+def weight_matrix(linear: nn.Module) -> torch.Tensor:
+    """The weight ``[out, in]`` of a sublayer :func:`find_linears` found: an ``nn.Linear``'s
+    weight itself, a ``Conv1D``'s ``[in, out]`` weight transposed (a view: writing to it, as
+    :func:`dsnot_kernels.apply_mask_` does, writes the layer's weight)."""
+    return linear.weight if isinstance(linear, nn.Linear) else linear.weight.t()
+
+
+def matrix_shape(linear: nn.Module) -> List[int]:
+    """``[out, in]`` of a sublayer :func:`find_linears` found."""
+    return list(weight_matrix(linear).shape)
 
 
 def non_linear_weights(layer: nn.Module) -> Dict[str, Tuple[List[int], str]]:
@@ -267,15 +298,16 @@ def non_linear_weights(layer: nn.Module) -> Dict[str, Tuple[List[int], str]]:
     mixing vectors) are not weight matrices.
     """
     found = {}
+    conv1d = _conv1d_class()
     for module_name, module in layer.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if (sum(size > 1 for size in param.shape) < 2 or "bias" in param_name   # gpt-oss's [experts, out] biases
-                    or (isinstance(module, nn.Linear) and param_name == "weight")):
+                    or (_is_linear(module, conv1d) and param_name == "weight")):
                 continue
             name = f"{module_name}.{param_name}" if module_name else param_name
             what = "stacked MoE experts" if "expert" in name.lower() else f"a {param.dim()}-D parameter"
             found[name] = (list(param.shape), f"{what} of {type(module).__name__}, not an nn.Linear weight "
-                                              f"(the driver prunes nn.Linear sublayers only)")
+                                              f"(the driver prunes nn.Linear and Conv1D sublayers only)")
     return found
 
 

@@ -41,8 +41,8 @@ import dsnot_kernels as dk
 from . import data as data_mod
 from .layerwise import Captured, capture, perplexity, run_layer, sync
 from .models import (DTYPES, ROUTER_REASON, DriverError, find_decoder_layers, find_linears, is_skipped,
-                     load_model, moe_routers, non_linear_weights, parse_skip, resolve_dtype, sublayer_kind,
-                     timed)
+                     load_model, matrix_shape, moe_routers, non_linear_weights, parse_skip, resolve_dtype,
+                     sublayer_kind, timed, weight_matrix)
 
 # The default DSnoT settings of dsnot-prune (--preset). "robust" because, measured on the packaged
 # SmolLM2 (README, "DSnoT that helps"), it improves on the initial Wanda mask at every sparsity,
@@ -191,8 +191,9 @@ def check_pattern(layers: nn.ModuleList, layers_name: str, cfg: dk.RefineConfig)
         return
     for i, layer in enumerate(layers):
         for name, lin in find_linears(layer).items():
-            if lin.in_features % m:
-                raise DriverError(f"--pattern {cfg.pattern}: M={m} does not divide in_features={lin.in_features} "
+            in_features = matrix_shape(lin)[1]
+            if in_features % m:
+                raise DriverError(f"--pattern {cfg.pattern}: M={m} does not divide in_features={in_features} "
                                   f"of {layers_name}.{i}.{name}; choose an M that divides every layer's width")
 
 
@@ -232,7 +233,7 @@ class _StatsHooks:
     reused by a later input of the same shape).
     """
 
-    def __init__(self, linears: Dict[str, nn.Linear], hessian: bool):
+    def __init__(self, linears: Dict[str, nn.Module], hessian: bool):
         self.linears, self.hessian = linears, hessian
         self.group_of: Dict[str, int] = {}
         self.groups: List[Dict[str, Any]] = []      # {"acc", "members", "current"}
@@ -336,21 +337,21 @@ def _dense_entry(prefix: str, index: int, name: str, shape: List[int], reason: s
 
 
 def _non_linear_entries(prefix: str, index: int, non_linear: Dict[str, Tuple[List[int], str]]) -> List[dict]:
-    """Report entries of a layer's weight matrices that are no nn.Linear (``non_linear_weights``)."""
+    """Report entries of a layer's weight matrices that no linear sublayer holds (``non_linear_weights``)."""
     return [_dense_entry(prefix, index, name, shape, why) for name, (shape, why) in non_linear.items()]
 
 
-def _dense_layer(prefix: str, index: int, linears: Dict[str, nn.Linear],
+def _dense_layer(prefix: str, index: int, linears: Dict[str, nn.Module],
                  non_linear: Dict[str, Tuple[List[int], str]], reason: str) -> List[dict]:
     """Report entries for every weight matrix of a layer the driver leaves whole (``reason``)."""
-    return ([_dense_entry(prefix, index, name, [lin.out_features, lin.in_features], reason)
+    return ([_dense_entry(prefix, index, name, matrix_shape(lin), reason)
              for name, lin in linears.items()] + _non_linear_entries(prefix, index, non_linear))
 
 
 @torch.no_grad()
 def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: dk.RefineConfig,
                 skip: List[str], backend: str, device: torch.device, timings: Dict[str, float], *,
-                linears: Dict[str, nn.Linear], non_linear: Dict[str, Tuple[List[int], str]],
+                linears: Dict[str, nn.Module], non_linear: Dict[str, Tuple[List[int], str]],
                 output_error: bool = False, pruned_before: Optional[Dict[int, str]] = None) -> List[dict]:
     """Statistics on the dense layer, masks (+ DSnoT), zeroing, then the pruned pass. In place.
     ``linears`` and ``non_linear``: the layer's ``find_linears`` and ``non_linear_weights``
@@ -389,42 +390,42 @@ def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: d
                      and (cfg.max_cycle_time > 0 and not is_skipped(n, skip)) == refined]
             if not names:
                 continue
-            mods = [linears[n] for n in names]
-            dense = [m.weight.detach().clone() for m in mods] if output_error else None
+            weights = [weight_matrix(linears[n]) for n in names]   # [out, in] (a view of a Conv1D's [in, out])
+            dense = [w.detach().clone() for w in weights] if output_error else None
             clock = timed()
             if not refined or cfg.init == "sparsegpt":
                 # One call: initial mask only, or SparseGPT (its weight update and mask) + DSnoT
                 # together (exactly what refine() does; the time goes to initial_masks).
-                results = dk.refine_many(mods, stats, cfg if refined else initial_cfg, backend=backend)
+                results = dk.refine_many(weights, stats, cfg if refined else initial_cfg, backend=backend)
                 sync(device)
                 spent_init, spent_refine = clock(), 0.0
             else:
-                initial = dk.refine_many(mods, stats, initial_cfg, backend=backend)
+                initial = dk.refine_many(weights, stats, initial_cfg, backend=backend)
                 sync(device)
                 spent_init = clock()
                 clock = timed()
-                results = dk.refine_many(mods, stats, cfg, backend=backend,
+                results = dk.refine_many(weights, stats, cfg, backend=backend,
                                          initial_masks=[r.pruned_mask for r in initial])
                 sync(device)
                 spent_refine = clock()
             timings["initial_masks"] += spent_init
             timings["refine"] += spent_refine
-            rows = sum(m.out_features for m in mods)
+            rows = sum(w.shape[0] for w in weights)
             if output_error:   # outside the timed stages; SparseGPT's initial mask needs its own call
                 initial = (results if not refined else
-                           dk.refine_many(mods, stats, initial_cfg, backend=backend) if cfg.init == "sparsegpt"
+                           dk.refine_many(weights, stats, initial_cfg, backend=backend) if cfg.init == "sparsegpt"
                            else initial)
-            for i, (name, mod, res) in enumerate(zip(names, mods, results)):
+            for i, (name, weight, res) in enumerate(zip(names, weights, results)):
                 errors = {}
                 if output_error:
                     errors = {**_output_error(dense[i], initial[i], stats, "initial"),
                               **_output_error(dense[i], res, stats, "final")}
-                dk.apply_mask_(mod, res)
-                share = mod.out_features / rows
+                dk.apply_mask_(weight, res)
+                share = weight.shape[0] / rows
                 entries.append({**errors,
                     "name": f"{prefix}.{index}.{name}", "layer": index, "sublayer": name,
-                    "kind": sublayer_kind(name), "group": gi, "shape": [mod.out_features, mod.in_features],
-                    "sparsity": float((mod.weight == 0).float().mean()),
+                    "kind": sublayer_kind(name), "group": gi, "shape": list(weight.shape),
+                    "sparsity": float((weight == 0).float().mean()),
                     "refined": refined, "backend": res.backend,
                     "mean_swaps": float(res.swaps.double().mean()),
                     "mean_abs_error_before": _row_mean(res.error_before),
@@ -432,13 +433,12 @@ def prune_layer(index: int, prefix: str, layer: nn.Module, cap: Captured, cfg: d
                     "seconds": (spent_init + spent_refine) * share,
                 })
     # what stays dense, each with its reason: linears whose input is not one row per token,
-    # linears the calibration pass never reached, and weights that are no nn.Linear at all
+    # linears the calibration pass never reached, and weights that no linear sublayer holds
     unseen = {name: "no input reached it in the calibration pass (not called, or its input "
                     "passed by keyword)" for name in linears
               if name not in hooks.group_of and name not in hooks.unsupported}
     for name, reason in {**hooks.unsupported, **unseen}.items():
-        entries.append(_dense_entry(prefix, index, name, [linears[name].out_features,
-                                                          linears[name].in_features], reason))
+        entries.append(_dense_entry(prefix, index, name, matrix_shape(linears[name]), reason))
         if name in tied:
             entries[-1]["shared_with"] = tied[name]
     entries += _non_linear_entries(prefix, index, non_linear)
@@ -506,7 +506,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     skip = parse_skip(args.skip_policy())
     for stage in STAGES:
         timings.setdefault(stage, 0.0)
-    # the decoder layers' weight matrices: the linears' weights and those no nn.Linear holds
+    # the decoder layers' weight matrices: the linears' weights and those no linear sublayer holds
     # (module.to() and apply_mask_ keep each Parameter object, so ids stay valid throughout)
     linears_of = [find_linears(layer) for layer in layers]
     non_linear_of = [non_linear_weights(layer) for layer in layers]
@@ -517,7 +517,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     not_linear = {name for found in non_linear_of for name in found}
     if not_linear:
         _log(args)(f"warning: {', '.join(sorted(not_linear))} ({dense / matrix_total:.1%} of the decoder "
-                   f"layers' weights) are not nn.Linear sublayers and stay dense; the sparsity applies "
+                   f"layers' weights) are not linear sublayers and stay dense; the sparsity applies "
                    f"to the pruned sublayers only")
 
     clock = timed()
@@ -553,7 +553,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, args: PruneArgs, cfg: d
     if not pruned:
         reasons = sorted({e["reason"] for e in entries})
         raise DriverError(f"{type(model).__name__}: no sublayer of {layers_name} could be pruned "
-                          f"({'; '.join(reasons) or 'no nn.Linear sublayers'}); the model is unchanged")
+                          f"({'; '.join(reasons) or 'no linear sublayers'}); the model is unchanged")
     total = sum(e["shape"][0] * e["shape"][1] for e in pruned)
     zeros = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for e in pruned)
     # sublayer names (expert indices as "*": a MoE layer has up to hundreds of experts), with
