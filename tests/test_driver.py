@@ -93,7 +93,7 @@ def _config(kind: str):
             **common, intermediate_size=128, num_hidden_layers=2)
     if kind == "gpt2":      # Conv1D sublayers (weights stored [in, out]); one fused c_attn for q/k/v
         return transformers.GPT2LMHeadModel, transformers.GPT2Config(
-            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
     raise ValueError(kind)
 
 
