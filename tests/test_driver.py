@@ -656,6 +656,13 @@ def test_no_refine_is_the_initial_mask(text_file, tokenizer):
                for e in report["sublayers"])
 
 
+def _calibration_samples(args: PruneArgs, tokenizer) -> torch.Tensor:
+    """The token ids ``[nsamples, seqlen]`` a driver run with ``args`` calibrates on."""
+    from dsnot_prune import data
+    plan = data.plan_text("news", args.calib_text, args.eval_text)
+    return data.calibration_tokens(plan, tokenizer, args.nsamples, args.seqlen, args.seed, log=lambda m: None)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_output_error_equals_the_sublayers_own_outputs(kind, text_file, tokenizer):
     """``--output-error``'s final figures equal the output error computed directly: layer 0's
@@ -665,9 +672,7 @@ def test_output_error_equals_the_sublayers_own_outputs(kind, text_file, tokenize
     pruned, dense = make_model(kind), make_model(kind)
     report = run(args, model=pruned, tokenizer=tokenizer)
 
-    from dsnot_prune import data
-    plan = data.plan_text("news", text_file, text_file)
-    samples = data.calibration_tokens(plan, tokenizer, args.nsamples, args.seqlen, args.seed, log=lambda m: None)
+    samples = _calibration_samples(args, tokenizer)
     layers_name, layers = find_decoder_layers(dense)
     sub_name, sub = next(iter(find_linears(layers[0]).items()))
     inputs = []
@@ -695,10 +700,8 @@ def test_driver_equals_naive_whole_model_pruning(kind, text_file, tokenizer):
     driven = make_model(kind)
     run(args, model=driven, tokenizer=tokenizer)
 
-    from dsnot_prune import data
     naive = make_model(kind)
-    plan = data.plan_text("news", text_file, text_file)
-    samples = data.calibration_tokens(plan, tokenizer, args.nsamples, args.seqlen, args.seed, log=lambda m: None)
+    samples = _calibration_samples(args, tokenizer)
     cfg = args.refine_config()
     _, layers = find_decoder_layers(naive)
     for layer in layers:
